@@ -1,0 +1,1 @@
+"""Python package of the EM dense segmentation bundle (imported by configs as ``scripts.*``)."""
