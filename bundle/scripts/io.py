@@ -1,0 +1,187 @@
+"""Reading datalists and class schemas, and writing volumes without ever leaving a half-written file.
+
+Axis order inside the bundle: MONAI channel-first ``(C, X, Y, Z)``, with z the section (slice) axis last.
+Every format is read through MONAI's ``ITKReader``, which reverses the file's index order: a multipage TIFF
+stored as ``(Z, Y, X)`` pages comes back as ``(X, Y, Z)``, a NIfTI volume keeps its ``(i, j, k)`` order, and a
+single TIFF page becomes a volume of depth 1 (see ``scripts.transforms.AddSectionAxisd``). Writing reverses the
+order again, so a TIFF written by the bundle has the same page layout as the TIFF it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import ITKWriter, MetaTensor, NibabelWriter, load_decathlon_datalist
+from monai.transforms import MapTransform
+
+VOLUME_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The file's volume suffix (``.nii.gz`` counts as one), or a ValueError naming the supported ones."""
+    name = str(path).lower()
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: unsupported volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
+
+
+def load_datalist(
+    datalist_file: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    key: str = "training",
+    file_keys: Sequence[str] = ("image", "label"),
+) -> list[dict]:
+    """Load and check one section of a MONAI (Decathlon-style) datalist JSON.
+
+    Paths in the datalist are relative to ``dataset_dir`` unless absolute. Every problem found is raised at once,
+    before any training or inference starts, with the datalist file, the key and the offending path.
+
+    Args:
+        datalist_file: JSON file with lists of items such as ``{"image": "a.tif", "label": "a_labels.tif"}``.
+            Optional item keys: ``spacing`` (voxel size x, y, z overriding the file's) and ``region``
+            (``[[x0, x1], [y0, y1], [z0, z1]]`` voxel box of the stored volume to use).
+        dataset_dir: base directory of the relative paths.
+        key: the datalist section, e.g. ``training``, ``validation`` or ``testing``.
+        file_keys: item keys that must name existing volume files.
+    """
+    datalist_file = Path(datalist_file)
+    if not datalist_file.is_file():
+        raise FileNotFoundError(f"datalist {datalist_file} not found: set --datalist to your datalist JSON")
+    if not Path(dataset_dir).is_dir():
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir} (used by datalist {datalist_file}) is not a directory: set --dataset_dir"
+        )
+    with open(datalist_file) as f:
+        content = json.load(f)
+    if key not in content:
+        raise KeyError(f"datalist {datalist_file} has no key '{key}' (keys: {sorted(content)})")
+    if not content[key]:
+        raise ValueError(f"datalist {datalist_file}: the list under '{key}' is empty")
+    items = load_decathlon_datalist(str(datalist_file), is_segmentation=False, data_list_key=key, base_dir=dataset_dir)
+    for index, item in enumerate(items):
+        for file_key in file_keys:
+            if file_key not in item:
+                raise KeyError(f"datalist {datalist_file}: item {index} of '{key}' has no '{file_key}' entry")
+            path = item[file_key]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"datalist {datalist_file}: '{key}'[{index}]['{file_key}'] = {path} not found")
+            volume_suffix(path)
+    return items
+
+
+def load_class_schema(metadata_file: str | os.PathLike) -> dict:
+    """Class names and organelle subset from the bundle's ``metadata.json``, their one home.
+
+    Returns:
+        ``{"names": [...], "organelles": [...]}``: names indexed by output channel (from
+        ``network_data_format.outputs.pred.channel_def``) and the channel indices of MIoU(org).
+    """
+    with open(metadata_file) as f:
+        meta = json.load(f)
+    try:
+        channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    except KeyError as e:
+        raise KeyError(f"{metadata_file}: network_data_format.outputs.pred.channel_def is missing") from e
+    names = [channel_def[str(i)] for i in range(len(channel_def))]
+    organelles = [int(c) for c in meta.get("organelle_channels", range(len(names)))]
+    if any(c < 0 or c >= len(names) for c in organelles):
+        raise ValueError(f"{metadata_file}: organelle_channels {organelles} outside 0..{len(names) - 1}")
+    return {"names": names, "organelles": organelles}
+
+
+def output_path(source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str, suffix: str | None = None) -> Path:
+    """``output_dir/<source name>_<postfix><suffix>``, keeping the source's format unless ``suffix`` is given."""
+    source_suffix = volume_suffix(source)
+    stem = Path(source).name[: -len(source_suffix)]
+    return Path(output_dir) / f"{stem}_{postfix}{suffix or source_suffix}"
+
+
+def write_volume_atomically(array: torch.Tensor | np.ndarray, meta: Mapping, path: str | os.PathLike, dtype) -> Path:
+    """Write a channel-first ``(C, X, Y, Z)`` array to ``path`` through a temporary file and an atomic rename.
+
+    A crash or kill leaves either no file or the previous complete file, never a truncated one. The writer is
+    chosen by suffix: NIfTI through nibabel (channel last, affine kept), other formats through ITK.
+
+    Args:
+        array: channel-first data; a single channel is written as a scalar volume.
+        meta: MONAI metadata holding at least ``affine``.
+        path: destination; its suffix selects the format.
+        dtype: the stored data type.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = NibabelWriter(output_dtype=dtype) if suffix in (".nii", ".nii.gz") else ITKWriter(output_dtype=dtype)
+        data = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.as_tensor(array)
+        if isinstance(data, MetaTensor):
+            data = data.as_tensor()
+        if data.shape[0] == 1:
+            writer.set_data_array(data[0], channel_dim=None)
+        else:
+            writer.set_data_array(data, channel_dim=0)
+        # the array is already on its output grid: set the affine directly (MONAI's set_metadata would resample)
+        writer.affine = torch.as_tensor(meta["affine"], dtype=torch.float64).numpy()
+        writer.write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+class SaveVolumed(MapTransform):
+    """Save ``data[key]`` beside its source volume's name, in the source's format unless told otherwise.
+
+    The source is ``data[key].meta["filename_or_obj"]``. A volume that came from a single 2D page
+    (``meta["section_axis_added"]``) is written back as a single page. Writes are atomic.
+
+    Args:
+        keys: keys of the arrays to save.
+        output_dir: destination directory.
+        output_postfix: appended to the source file's stem, e.g. ``seg``.
+        output_suffix: force a format (e.g. ``.nii.gz`` for multi-channel probability maps); None = the source's.
+        output_dtype: stored data type.
+        path_key: if given, the written path is stored in ``data[path_key]``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        output_postfix: str = "seg",
+        output_suffix: str | None = None,
+        output_dtype=np.uint8,
+        path_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.output_postfix = output_postfix
+        self.output_suffix = output_suffix
+        self.output_dtype = output_dtype
+        self.path_key = path_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            array = d[key]
+            meta = dict(array.meta)
+            if meta.get("section_axis_added") and array.shape[-1] == 1:
+                array = array[..., 0]
+                meta["affine"] = meta["affine"][[0, 1, 3]][:, [0, 1, 3]]
+            path = output_path(meta["filename_or_obj"], self.output_dir, self.output_postfix, self.output_suffix)
+            write_volume_atomically(array, meta, path, self.output_dtype)
+            if self.path_key:
+                d[self.path_key] = str(path)
+        return d

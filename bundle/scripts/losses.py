@@ -1,0 +1,118 @@
+"""Voxelwise weighted cross-entropy of Guay et al. 2020, equation (1), for single- and multi-head outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["WeightedCrossEntropyLoss"]
+
+
+class WeightedCrossEntropyLoss(_Loss):
+    """``sum_h head_weights[h] * (1 / N) * sum_i W_i * CE(head h)_i``: the data terms of equation (1) of Guay et al.
+    2020 (``1 * CE(3D head) + 0.33 * CE(2D head)``), with ``W`` the voxel weight map (see ``scripts.weights``).
+
+    The L2 terms of equation (1) are not part of this loss: they are applied through the weight decay of the
+    optimiser's parameter groups.
+
+    ``input`` is either logits ``(B, C, *spatial)`` (one head, factor 1) or stacked heads ``(B, H, C, *spatial)`` as
+    the network returns in training mode (head 0 = 3D head, head 1 = 2D head). ``target`` is ``(B, 1, *spatial)``
+    class indices, or ``(B, 2, *spatial)`` with channel 0 the class indices and channel 1 the weight map ``W``
+    (label and weight travel together because the trainer passes only ``(pred, label)`` to the loss); without the
+    weight channel ``W = 1``. Voxels whose class is ``ignore_index`` contribute nothing and are not counted in ``N``.
+    ``log_softmax`` runs in float32, so the loss is safe under autocast.
+
+    Args:
+        head_weights: factor of each head of a stacked input; its length must equal ``H``.
+        ignore_index: class index whose voxels are left out.
+        spatial_dims: number of spatial dimensions (3 for ``(X, Y, Z)``), to tell single from stacked inputs.
+        reduction: ``"mean"`` (divide by ``N``, the paper's loss), ``"sum"``, or ``"none"`` (the head-weighted
+            voxelwise map ``(B, 1, *spatial)``, 0 at ignored voxels).
+    """
+
+    def __init__(
+        self,
+        head_weights: Sequence[float] = (1.0, 0.33),
+        ignore_index: int | None = None,
+        spatial_dims: int = 3,
+        reduction: str = "mean",
+    ) -> None:
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}.')
+        super().__init__(reduction=reduction)
+        if len(head_weights) == 0:
+            raise ValueError("head_weights must not be empty.")
+        self.head_weights = tuple(float(w) for w in head_weights)
+        self.ignore_index = ignore_index
+        self.spatial_dims = spatial_dims
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: logits ``(B, C, *spatial)`` or ``(B, H, C, *spatial)``.
+            target: ``(B, 1, *spatial)`` class indices, or ``(B, 2, *spatial)`` class indices and weight map.
+
+        Raises:
+            ValueError: on shape mismatches, a number of heads different from ``len(head_weights)``, or class
+                indices outside ``[0, C)`` other than ``ignore_index``.
+        """
+        # plain tensors: avoids MetaTensor bookkeeping on every op; autograd is kept
+        if isinstance(input, MetaTensor):
+            input = input.as_tensor()
+        if isinstance(target, MetaTensor):
+            target = target.as_tensor()
+        nd = self.spatial_dims
+        if input.ndim == nd + 2:
+            logits, head_w = input.unsqueeze(1), (1.0,)
+        elif input.ndim == nd + 3:
+            logits, head_w = input, self.head_weights
+            if logits.shape[1] != len(head_w):
+                raise ValueError(
+                    f"input has {logits.shape[1]} heads (shape {tuple(input.shape)}) but head_weights has "
+                    f"{len(head_w)} entries {head_w}."
+                )
+        else:
+            raise ValueError(
+                f"input must be (B, C, *spatial) or (B, H, C, *spatial) with {nd} spatial dims, "
+                f"got shape {tuple(input.shape)}."
+            )
+        b, _, num_classes, *spatial = logits.shape
+        if target.ndim != nd + 2 or target.shape[1] not in (1, 2):
+            raise ValueError(f"target must be (B, 1 or 2, *spatial), got shape {tuple(target.shape)}.")
+        if target.shape[0] != b or list(target.shape[2:]) != spatial:
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)} "
+                "in batch or spatial size."
+            )
+
+        cls = target[:, :1]
+        cls = (torch.round(cls) if cls.is_floating_point() else cls).long()  # (B, 1, *spatial)
+        if self.ignore_index is not None:
+            valid = cls != self.ignore_index
+            cls = torch.where(valid, cls, torch.zeros_like(cls))  # any in-range index; masked out below
+        else:
+            valid = torch.ones_like(cls, dtype=torch.bool)
+        if bool(((cls < 0) | (cls >= num_classes)).any()):
+            raise ValueError(f"target class indices must be in [0, {num_classes}) or ignore_index={self.ignore_index}.")
+        weight = valid.to(torch.float32)
+        if target.shape[1] == 2:
+            weight = weight * target[:, 1:2].to(torch.float32)
+
+        # float32 log-softmax even under autocast: half precision loses the small probabilities
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logp = F.log_softmax(logits.float(), dim=2)
+            idx = cls.unsqueeze(1).expand(b, logits.shape[1], 1, *spatial)
+            ce = -logp.gather(2, idx).squeeze(2)  # (B, H, *spatial)
+            hw = torch.tensor(head_w, dtype=torch.float32, device=logits.device).view(1, -1, *([1] * nd))
+            voxel = (ce * hw).sum(dim=1, keepdim=True) * weight  # (B, 1, *spatial), head-weighted W * CE
+            if self.reduction == "none":
+                return voxel
+            total = voxel.sum()
+            if self.reduction == "sum":
+                return total
+            # N counts the non-ignored voxels; with none, the (zero) sum keeps the graph connected
+            return total / valid.sum().clamp(min=1)

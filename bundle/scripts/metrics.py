@@ -1,0 +1,265 @@
+"""Voxel-overlap metrics of the paper: per-class IoU and Dice/F1, MIoU(all) and MIoU(org), from confusion matrices.
+
+A class absent from both the ground truth and the prediction of everything evaluated has no IoU (NaN) and is
+left out of the means, rather than counted as 0 or 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from monai.transforms import LoadImage
+
+from scripts.io import load_datalist, output_path
+from scripts.transforms import AddSectionAxisd, CropRegiond
+
+logger = logging.getLogger(__name__)
+
+
+def confusion_matrix(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> torch.Tensor:
+    """``(num_classes, num_classes)`` int64 counts, rows = ground truth, columns = prediction.
+
+    Args:
+        pred: predicted class indices, any shape (a leading channel of 1 is fine).
+        label: ground-truth class indices, same number of voxels.
+        num_classes: number of classes.
+        ignore_index: label value whose voxels are not counted.
+    """
+    pred = torch.as_tensor(pred).reshape(-1).long()
+    label = torch.as_tensor(label).reshape(-1).long()
+    if pred.numel() != label.numel():
+        raise ValueError(f"prediction has {pred.numel()} voxels, label {label.numel()}")
+    keep = (label >= 0) & (label < num_classes)
+    if ignore_index is not None:
+        keep &= label != ignore_index
+    index = label[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+
+
+def scores_from_confusion(cm: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-class ``iou``, ``dice`` (= F1), ``precision`` and ``recall``; NaN where a score is undefined."""
+    cm = cm.double()
+    tp = torch.diagonal(cm)
+    fn = cm.sum(1) - tp
+    fp = cm.sum(0) - tp
+
+    def ratio(num, den):
+        return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, float("nan"))).numpy()
+
+    return {
+        "iou": ratio(tp, tp + fp + fn),
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+    }
+
+
+def mean_iou(cm: torch.Tensor, classes: Sequence[int] | None = None) -> float:
+    """Mean IoU over ``classes`` (all if None), ignoring classes whose IoU is undefined."""
+    iou = scores_from_confusion(cm)["iou"]
+    if classes is not None:
+        iou = iou[list(classes)]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def _as_pairs(output) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pred, label) pairs from an engine output: batched tensors or the lists MONAI's ``from_engine`` gives."""
+    preds, labels = output
+    if isinstance(preds, torch.Tensor) and preds.ndim > 0:
+        preds, labels = list(preds), list(labels)
+    return list(zip(preds, labels))
+
+
+def _class_indices(pred: torch.Tensor) -> torch.Tensor:
+    """Class indices from a channel-first prediction: argmax of several channels, else the single channel."""
+    return pred.argmax(0) if pred.shape[0] > 1 else pred[0]
+
+
+class _ConfusionMetric(Metric):
+    """Ignite metric accumulating a confusion matrix over an epoch of (pred, label) outputs."""
+
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = None, output_transform: Callable = lambda x: x
+    ) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    def update(self, output) -> None:
+        for pred, label in _as_pairs(output):
+            self._cm += confusion_matrix(_class_indices(pred), label, self.num_classes, self.ignore_index)
+
+
+class MeanIoU(_ConfusionMetric):
+    """MIoU over a class subset (MIoU(all) with ``classes=None``, MIoU(org) with the organelle channels).
+
+    Args:
+        num_classes: number of classes.
+        classes: the class subset averaged; None = all.
+        ignore_index: label value not counted.
+        output_transform: maps the engine output to ``(pred, label)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        classes: Sequence[int] | None = None,
+        ignore_index: int | None = None,
+        output_transform: Callable = lambda x: x,
+    ) -> None:
+        self.classes = classes
+        super().__init__(num_classes, ignore_index, output_transform)
+
+    def compute(self) -> float:
+        return mean_iou(self._cm, self.classes)
+
+
+class PerClassIoU(_ConfusionMetric):
+    """IoU of every class, reported as separate engine metrics ``iou_<class name>``.
+
+    Args:
+        class_names: names by class index.
+        ignore_index: label value not counted.
+        output_transform: maps the engine output to ``(pred, label)``.
+    """
+
+    def __init__(
+        self, class_names: Sequence[str], ignore_index: int | None = None, output_transform: Callable = lambda x: x
+    ) -> None:
+        self.class_names = list(class_names)
+        super().__init__(len(class_names), ignore_index, output_transform)
+
+    def compute(self) -> dict[str, float]:
+        iou = scores_from_confusion(self._cm)["iou"]
+        return {f"iou_{name.replace(' ', '_')}": float(v) for name, v in zip(self.class_names, iou)}
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """A plain-text table with right-aligned numbers, for the terminal."""
+    cells = [[str(c) for c in columns]] + [
+        [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class SegmentationReport:
+    """Compare predicted label volumes with ground truth and write per-volume and mean scores.
+
+    For each datalist item the prediction is ``<prediction_dir>/<image stem>_<postfix><suffix>``, as written by
+    ``inference.json``; an item's ``region`` restricts the comparison (e.g. to the validation region). Writes
+    ``<output_dir>/metrics.csv`` (one row per volume and class) and ``metrics.json`` (with the means over all
+    voxels of all volumes), and prints a table.
+
+    Args:
+        datalist_file: datalist JSON; the ``key`` section lists ``image`` and ``label`` files.
+        dataset_dir: base directory of its relative paths.
+        prediction_dir: where the predicted label volumes are.
+        output_dir: where the CSV and JSON go.
+        class_names: class names by index.
+        organelle_classes: class indices of MIoU(org).
+        key: datalist section evaluated.
+        prediction_postfix: the postfix inference added to the file names.
+        ignore_index: label value not counted.
+    """
+
+    def __init__(
+        self,
+        datalist_file: str,
+        dataset_dir: str,
+        prediction_dir: str,
+        output_dir: str,
+        class_names: Sequence[str],
+        organelle_classes: Sequence[int],
+        key: str = "validation",
+        prediction_postfix: str = "seg",
+        ignore_index: int | None = None,
+    ) -> None:
+        self.items = load_datalist(datalist_file, dataset_dir, key=key)
+        self.prediction_dir = prediction_dir
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.organelle_classes = list(organelle_classes)
+        self.prediction_postfix = prediction_postfix
+        self.ignore_index = ignore_index
+        for item in self.items:
+            item["pred"] = str(output_path(item["image"], prediction_dir, prediction_postfix))
+            if not os.path.isfile(item["pred"]):
+                raise FileNotFoundError(
+                    f"prediction {item['pred']} for {item['image']} not found: run inference first "
+                    f"(its output_dir must be {prediction_dir})"
+                )
+
+    def _load(self, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
+        d = {"pred": loader(item["pred"]), "label": loader(item["label"]), "region": item.get("region")}
+        d = CropRegiond(["pred", "label"])(AddSectionAxisd(["pred", "label"])(d))
+        if d["pred"].shape != d["label"].shape:
+            raise ValueError(
+                f"prediction {item['pred']} has shape {tuple(d['pred'].shape[1:])}, "
+                f"label {item['label']} {tuple(d['label'].shape[1:])}"
+            )
+        return d["pred"].round().long(), d["label"].round().long()
+
+    def run(self) -> dict:
+        """Evaluate every item; return the JSON summary."""
+        num_classes = len(self.class_names)
+        total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        rows, volumes = [], []
+        for item in self.items:
+            pred, label = self._load(item)
+            cm = confusion_matrix(pred, label, num_classes, self.ignore_index)
+            total += cm
+            volumes.append(self._summary(cm, name=Path(item["image"]).name))
+            rows.extend(self._class_rows(cm, Path(item["image"]).name))
+        rows.extend(self._class_rows(total, "ALL"))
+        summary = {"volumes": volumes, "mean": self._summary(total, name="ALL")}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_csv(rows, self.output_dir / "metrics.csv")
+        tmp = self.output_dir / ".metrics.json.partial"
+        tmp.write_text(json.dumps(summary, indent=4))
+        os.replace(tmp, self.output_dir / "metrics.json")
+        print(format_table(rows, ["volume", "class", "iou", "dice", "precision", "recall"]))
+        print(format_table(volumes + [summary["mean"]], ["volume", "miou_all", "miou_org"]))
+        return summary
+
+    def _summary(self, cm: torch.Tensor, name: str) -> dict:
+        scores = scores_from_confusion(cm)
+        return {
+            "volume": name,
+            "miou_all": mean_iou(cm),
+            "miou_org": mean_iou(cm, self.organelle_classes),
+            "iou": dict(zip(self.class_names, map(float, scores["iou"]))),
+            "dice": dict(zip(self.class_names, map(float, scores["dice"]))),
+        }
+
+    def _class_rows(self, cm: torch.Tensor, volume: str) -> list[dict]:
+        scores = scores_from_confusion(cm)
+        return [
+            {"volume": volume, "class": name, **{k: float(v[i]) for k, v in scores.items()}}
+            for i, name in enumerate(self.class_names)
+        ]
+
+    @staticmethod
+    def _write_csv(rows: list[dict], path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)

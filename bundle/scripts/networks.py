@@ -1,0 +1,335 @@
+"""The "2D-3D+3x3x3" network of Guay et al. 2020 for dense semantic segmentation of 3D EM.
+
+Guay, Emam, Anderson, Aronova, Leapman, "Dense cellular segmentation using 2D-3D neural network ensembles for
+electron microscopy" (2020). A 2D U-Net-style encoder-decoder (1x3x3 convolutions, 1x2x2 pooling) with extra 3x3x3
+convolutions at the start of the two finest encoder and decoder blocks, a 2D class predictor, and a two-level
+3D convolutional spatial pyramid fed with the decoder features and the 2D predictions, then a 3D predictor.
+
+Axis convention: MONAI channel-first ``(B, C, X, Y, Z)`` with ``Z`` = the section axis LAST. The paper's 1x3x3
+convolution is therefore a ``(3, 3, 1)`` kernel here, its 1x2x2 pooling ``(2, 2, 1)``, and its (5, 300, 300)
+window ``(300, 300, 5)``. ``Z`` is never pooled, so any number of sections works.
+
+Widths, read from the authors' TensorFlow code (github.com/leapmanlab/examples, not copied):
+
+* ``EncoderGene`` / ``DecoderGene._rescale_children``: a block at spatial scale ``s`` has ``features * 2**s``
+  kernels (64, 128, 256, 512); ``DecoderGene.setup_children`` gives the decoder ONE MORE block than the encoder
+  (the coarsest decoder block is the bottleneck). ``num_scales`` is the number of encoder blocks (the authors'
+  ``n_blocks``) = the number of 1x2x2 max-pool steps. The released notebook's value could not be read (the
+  stored notebook is mostly images), so it is inferred: the paper's 10.3 M parameters (and 9.9 M / 7.9 M for the
+  ablations, Table 1) and its window (300 -> 296 = 37 * 8 in xy, i.e. divisible by 2**3) are only reproduced with
+  ``num_scales = 3`` pooling steps (4 resolutions, widths 64..512); with 2 pooling steps the net has 4.4 M.
+* ``Mixed3DEncoderDecoderGene.setup_edges``: every block with spatial scale < 2 (the first two encoder blocks and
+  the last two decoder blocks) gets an EXTRA convolution inserted before its ``n_comps`` (= ``convs_per_block``)
+  1x3x3 convolutions: a 3x3x3 convolution with ``n_kernels // 2`` kernels. The "no 3x3x3 convs" ablation keeps
+  that layer as a 1x3x3 convolution of the same width (paper, "Validation and Performance Metrics").
+* ``ScaleEdge.build``: up-sampling is a transposed convolution with kernel = stride = 1x2x2 and bias, without
+  activation, whose width is that of the layer it feeds: ``n_kernels // 2`` in front of an extra 3x3x3
+  convolution, ``n_kernels`` otherwise. The decoder block's first layer sees ``concat(up-sampled, encoder skip)``.
+* ``hybrid_gene_graph`` / ``SpatialPyramidGene``: pyramid input = ``concat(2D predictions, decoder features)``;
+  level ``i`` is max-pooled by ``2**i`` in xy, runs ``pyramid_convs[i]`` 3x3x3 convolutions with
+  ``64 * 2**i`` kernels (the pyramid's own default ``n_kernels`` = 64, doubled per level), then a 1x1x1
+  convolution (+ ReLU) back to the level-0 width and a transposed-convolution up-sampling; all levels are summed
+  (``combine_mode='add'``, residual). ``pyramid_convs = (3, 5)``: the released ``comps_list``
+  (3 and 5 convolutions).
+* ``PredictorGene``: 1x1x1 convolutions with bias for the 2D and 3D class predictions.
+
+Choices where the released code is not followed literally (documented here on purpose):
+
+* the predictors output linear logits (the released predictor config also applies its ReLU to the logits;
+  unconstrained logits are what softmax cross-entropy and MONAI post-processing expect);
+* ``SpatialPyramidGene.setup_edges`` sets ``pool_z=True`` on level 1; the paper and the down-sampling edge use
+  1x2x2 pooling, which is what is implemented (z is never pooled).
+
+Parameter count with the defaults: 10,267,022 (paper: about 10.3 M); no 3x3x3 convs: 9,916,238 (9.9 M);
+no 3D pyramid: 7,882,311 (7.9 M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution
+
+__all__ = ["HybridUNet2D3D"]
+
+#: blocks whose spatial scale is below this get the extra (3x3x3) block-initial convolution (authors' rule).
+_EXTRA_CONV_MAX_SCALE = 2
+_KERNEL_2D = (3, 3, 1)  # the paper's 1x3x3 (z last)
+_KERNEL_3D = (3, 3, 3)
+_POOL_2D = (2, 2, 1)  # the paper's 1x2x2 (z last)
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: Sequence[int]) -> Convolution:
+    """Zero-padded ("same") convolution with bias followed by ReLU (no normalisation, as in the paper)."""
+    return Convolution(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        act=("relu", {"inplace": True}),
+        norm=None,
+        bias=True,
+    )
+
+
+def _encoder_decoder_block(
+    in_channels: int, out_channels: int, num_convs: int, extra_kernel: Optional[Sequence[int]]
+) -> nn.Sequential:
+    """``[extra conv (out/2)] + num_convs x (3,3,1) conv (out)``: every layer is a distinct module."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    if extra_kernel is not None:
+        layers.append(_conv(channels, out_channels // 2, extra_kernel))
+        channels = out_channels // 2
+    for _ in range(num_convs):
+        layers.append(_conv(channels, out_channels, _KERNEL_2D))
+        channels = out_channels
+    return nn.Sequential(*layers)
+
+
+class _UpStage(nn.Module):
+    """Decoder stage: 1x2x2 transposed-convolution up-sampling, concatenation with the encoder skip, conv block."""
+
+    def __init__(self, in_channels: int, up_channels: int, block: nn.Sequential) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, up_channels, kernel_size=_POOL_2D, stride=_POOL_2D, bias=True)
+        self.block = block
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), skip], dim=1))
+
+
+class _EncoderDecoder2D(nn.Module):
+    """2D U-Net-style encoder-decoder on 3D windows ((3,3,1) convs, (2,2,1) pooling) with extra 3x3x3 convs."""
+
+    def __init__(
+        self, in_channels: int, features: int, num_scales: int, convs_per_block: int, conv3d_blocks: bool
+    ) -> None:
+        super().__init__()
+        extra_kernel = _KERNEL_3D if conv3d_blocks else _KERNEL_2D
+
+        def width(scale: int) -> int:
+            return features * 2**scale
+
+        def extra(scale: int) -> Optional[Sequence[int]]:
+            return extra_kernel if scale < _EXTRA_CONV_MAX_SCALE else None
+
+        self.pool = nn.MaxPool3d(kernel_size=_POOL_2D, stride=_POOL_2D)  # stateless: one instance is enough
+        encoder = []
+        channels = in_channels
+        for scale in range(num_scales):
+            encoder.append(_encoder_decoder_block(channels, width(scale), convs_per_block, extra(scale)))
+            channels = width(scale)
+        self.encoder = nn.ModuleList(encoder)
+        self.bottleneck = _encoder_decoder_block(channels, width(num_scales), convs_per_block, extra(num_scales))
+        channels = width(num_scales)
+        decoder = []
+        for scale in reversed(range(num_scales)):
+            # the up-sampling width is that of the layer it feeds (authors' ScaleEdge: the target's n_kernels)
+            up_channels = width(scale) // 2 if extra(scale) is not None else width(scale)
+            block = _encoder_decoder_block(up_channels + width(scale), width(scale), convs_per_block, extra(scale))
+            decoder.append(_UpStage(channels, up_channels, block))
+            channels = width(scale)
+        self.decoder = nn.ModuleList(decoder)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.encoder):
+            if i > 0:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        x = self.bottleneck(self.pool(x))
+        n = len(skips)
+        for i, stage in enumerate(self.decoder):
+            x = stage(x, skips[n - 1 - i])
+        return x
+
+
+class _PyramidLevel(nn.Module):
+    """One spatial-pyramid level: xy max-pool by ``2**level``, 3x3x3 conv block, width matching, up-sampling."""
+
+    def __init__(self, level: int, in_channels: int, features: int, num_convs: int, out_channels: int) -> None:
+        super().__init__()
+        factor = (2**level, 2**level, 1)
+        self.pool: nn.Module = nn.MaxPool3d(kernel_size=factor, stride=factor) if level > 0 else nn.Identity()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(num_convs):
+            layers.append(_conv(channels, features, _KERNEL_3D))
+            channels = features
+        self.block = nn.Sequential(*layers)
+        if level > 0:
+            # authors' "path end" 1x1x1 conv (with the block activation) then the transposed-conv up-sampling edge
+            self.proj: nn.Module = _conv(features, out_channels, (1, 1, 1))
+            self.up: nn.Module = nn.ConvTranspose3d(out_channels, out_channels, factor, stride=factor, bias=True)
+        else:
+            if features != out_channels:
+                raise ValueError(f"pyramid level 0 width {features} must equal the pyramid output {out_channels}")
+            self.proj = nn.Identity()
+            self.up = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.proj(self.block(self.pool(x))))
+
+
+class _SpatialPyramid3D(nn.Module):
+    """3D convolutional spatial pyramid; the levels' outputs are summed at full resolution (residual)."""
+
+    def __init__(self, in_channels: int, features: Sequence[int], convs: Sequence[int]) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(
+            [_PyramidLevel(i, in_channels, f, n, features[0]) for i, (f, n) in enumerate(zip(features, convs))]
+        )
+        self.out_channels = features[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: Optional[torch.Tensor] = None
+        for level in self.levels:
+            y = level(x)
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
+
+class HybridUNet2D3D(nn.Module):
+    """2D-3D+3x3x3 network (Guay et al. 2020): 2D encoder-decoder + 2D predictor + 3D spatial pyramid + 3D predictor.
+
+    Input ``(B, in_channels, X, Y, Z)`` (z = sections, last); X and Y must be divisible by ``spatial_divisor``
+    (8 with the defaults), Z is free. Output: the 3D logits ``(B, out_channels, X, Y, Z)``; in training mode with
+    ``deep_supervision`` and ``pyramid``, ``torch.stack([logits_3d, logits_2d], dim=1)`` of shape
+    ``(B, 2, out_channels, X, Y, Z)`` (MONAI DynUNet convention; use ``[:, 0]`` for 3D, ``[:, 1]`` for 2D).
+
+    Args:
+        in_channels: image channels.
+        out_channels: number of classes (7 for the platelet data).
+        features: kernels of the finest encoder-decoder block; block at scale ``s`` has ``features * 2**s``.
+        num_scales: encoder blocks = 1x2x2 max-pool steps (the authors' ``n_blocks``); the decoder has
+            ``num_scales + 1`` blocks, the coarsest being the bottleneck. 3 reproduces the paper (10.3 M).
+        convs_per_block: (3,3,1) convolutions per block (the authors' ``n_comps``).
+        conv3d_blocks: True = the "+3x3x3" extra 3x3x3 conv (half the block's width) at the start of the first two
+            encoder and last two decoder blocks; False = ablation "no 3x3x3 convs" (same layers as (3,3,1) convs).
+        pyramid: True = 3D spatial pyramid + 3D predictor; False = ablation "no 3D pyramid" (2D logits are output).
+        pyramid_convs: 3x3x3 convolutions per pyramid level (released configuration ``(3, 5)``).
+        pyramid_features: width of each pyramid level; default ``features * 2**level`` = (64, 128) as in the
+            authors' code. Level 0's width is the pyramid output width (fed to the 3D predictor).
+        deep_supervision: return the 2D logits too in training mode (the paper's multi-loss, weight 0.33 on 2D).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 7,
+        features: int = 64,
+        num_scales: int = 3,
+        convs_per_block: int = 2,
+        conv3d_blocks: bool = True,
+        pyramid: bool = True,
+        pyramid_convs: Sequence[int] = (3, 5),
+        pyramid_features: Optional[Sequence[int]] = None,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        if features < 2:
+            raise ValueError(f"features must be >= 2 (the extra 3x3x3 conv has features // 2 kernels), got {features}")
+        if num_scales < 1:
+            raise ValueError(f"num_scales must be >= 1, got {num_scales}")
+        if convs_per_block < 1:
+            raise ValueError(f"convs_per_block must be >= 1, got {convs_per_block}")
+        pyramid_convs = tuple(int(n) for n in pyramid_convs)
+        if pyramid and (len(pyramid_convs) < 1 or min(pyramid_convs) < 1):
+            raise ValueError(f"pyramid_convs needs >= 1 level with >= 1 conv each, got {pyramid_convs}")
+        if pyramid_features is None:
+            pyramid_features = tuple(features * 2**i for i in range(len(pyramid_convs)))
+        pyramid_features = tuple(int(f) for f in pyramid_features)
+        if pyramid and len(pyramid_features) != len(pyramid_convs):
+            raise ValueError(
+                f"pyramid_features {pyramid_features} and pyramid_convs {pyramid_convs} must have the same length"
+            )
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.deep_supervision = bool(deep_supervision)
+        self.pyramid = bool(pyramid)
+        pool_steps = max(num_scales, len(pyramid_convs) - 1 if pyramid else 0)
+        self.spatial_divisor: int = 2**pool_steps
+        self.pool_steps: int = pool_steps
+
+        self.net_2d = _EncoderDecoder2D(in_channels, features, num_scales, convs_per_block, conv3d_blocks)
+        self.predictor_2d = nn.Conv3d(self.net_2d.out_channels, out_channels, kernel_size=1, bias=True)
+        # plain None attributes when pyramid=False (TorchScript folds the `is None` branches away)
+        self.net_3d = None
+        self.predictor_3d = None
+        if self.pyramid:
+            self.net_3d = _SpatialPyramid3D(out_channels + self.net_2d.out_channels, pyramid_features, pyramid_convs)
+            self.predictor_3d = nn.Conv3d(self.net_3d.out_channels, out_channels, kernel_size=1, bias=True)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier-uniform kernels and zero biases (TF ``xavier_initializer`` and the default bias initialiser)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"HybridUNet2D3D expects a 5D (B, C, X, Y, Z) tensor, got {x.dim()} dimensions")
+        if not torch.jit.is_tracing():  # a traced graph is shape-specialised; keep the trace warning-free
+            d = self.spatial_divisor
+            sx, sy, sz = x.shape[2], x.shape[3], x.shape[4]
+            if sx % d != 0 or sy % d != 0:
+                raise ValueError(
+                    f"HybridUNet2D3D: input spatial shape (X, Y, Z) = ({sx}, {sy}, {sz}) is invalid: X and Y must be "
+                    f"divisible by {d} (2**{self.pool_steps} for the (2, 2, 1) max-pool steps); crop or pad X and Y "
+                    f"to a multiple of {d}, e.g. ({sx // d * d}, {sy // d * d}, {sz}). Z (sections, last) is free."
+                )
+        features = self.net_2d(x)
+        logits_2d = self.predictor_2d(features)
+        net_3d = self.net_3d
+        predictor_3d = self.predictor_3d
+        if net_3d is None or predictor_3d is None:
+            return logits_2d
+        logits_3d = predictor_3d(net_3d(torch.cat([logits_2d, features], dim=1)))
+        if self.training and self.deep_supervision:
+            return torch.stack([logits_3d, logits_2d], dim=1)
+        return logits_3d
+
+    def l2_parameter_groups(
+        self, lambda_2d: float = 10**-4.7, lambda_3d: float = 1e-5, lambda_pred: float = 1e-9
+    ) -> list[dict]:
+        """Parameter groups for ``torch.optim.Adam`` implementing the paper's L2 terms through weight decay.
+
+        The paper's loss adds ``λ2D Σ‖θ‖²`` (encoder-decoder), ``λ3D Σ‖θ‖²`` (pyramid) and ``λP Σ‖θ‖²`` (the two
+        1x1x1 predictors), kernels and biases alike. The gradient of ``λ‖θ‖²`` is ``2λθ``, so each group gets
+        ``weight_decay = 2λ`` (coupled decay, i.e. Adam, not AdamW). Note: the released TF code used
+        ``tf.contrib.layers.l2_regularizer`` = ``λ‖θ‖²/2``; pass ``λ/2`` to mirror it instead of the paper.
+
+        Args:
+            lambda_2d: λ of the 2D encoder-decoder (paper 10**-4.7).
+            lambda_3d: λ of the 3D spatial pyramid (paper 1e-5).
+            lambda_pred: λ of the 2D and 3D predictors (paper 1e-9).
+
+        Returns:
+            Non-empty groups ``{"params", "weight_decay", "name", "l2_lambda"}``; every parameter is in exactly one.
+        """
+        predictors = [self.predictor_2d] + ([self.predictor_3d] if self.predictor_3d is not None else [])
+        spec = [
+            ("net_2d", [self.net_2d], lambda_2d),
+            ("net_3d", [self.net_3d] if self.net_3d is not None else [], lambda_3d),
+            ("predictors", predictors, lambda_pred),
+        ]
+        groups = []
+        for name, modules, lam in spec:
+            params = [p for m in modules for p in m.parameters()]
+            if params:
+                groups.append({"params": params, "weight_decay": 2.0 * lam, "name": name, "l2_lambda": lam})
+        grouped = [id(p) for g in groups for p in g["params"]]
+        if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in self.parameters()}:
+            raise RuntimeError("l2_parameter_groups must cover every parameter exactly once")
+        return groups

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set everything up, then train on the real platelet SBF-SEM sample, segment it, print metrics, draw a picture.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bash "$REPO/setup_env.sh"
+cd "$REPO/bundle"
+exec "$REPO/.venv/bin/python" -m scripts.demo --workdir ../runs/demo "$@"

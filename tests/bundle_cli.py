@@ -1,0 +1,30 @@
+"""Helpers to run the bundle's CLI (``python -m monai.bundle run ...``) in a subprocess from ``bundle/``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import BUNDLE
+
+# a tiny network and windows: enough to learn something on one CPU core in a minute
+TINY = {
+    "network_def#features": 8,
+    "train_window": [128, 128, 1],
+    "val_window": [192, 192, 1],
+    "windows_per_volume": 4,
+    "batch_size": 2,
+    "val_interval": 20,
+}
+
+
+def bundle_run(run_id: str, config_files: list[str], overrides: dict, check: bool = True, timeout: int = 600):
+    """Run ``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` and return the result."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(config_files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)]
+    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
