@@ -22,7 +22,7 @@ from monai.transforms import LoadImage
 from scripts.io import load_class_schema, load_datalist, output_path
 from scripts.pictures import save_comparison_png
 from scripts.synthetic import write_synthetic_dataset
-from scripts.transforms import AddSectionAxisd
+from scripts.transforms import AddSectionAxisd, CropRegiond
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
@@ -38,7 +38,7 @@ def _bundle_run(run_id: str, config_files: list[str], overrides: dict) -> None:
     subprocess.run(command, cwd=BUNDLE_ROOT, check=True)
 
 
-def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> dict:
+def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
     """Train on the platelet slice (or synthetic data), segment it, print metrics and write a picture.
 
     Args:
@@ -70,13 +70,14 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> dict:
     names = load_class_schema(BUNDLE_ROOT / "configs" / "metadata.json")["names"]
     item = load_datalist(datalist, dataset_dir, key="validation")[0]
     load = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
-    volumes = AddSectionAxisd(["image", "label", "pred"])(
-        {
-            "image": load(item["image"]),
-            "label": load(item["label"]),
-            "pred": load(output_path(item["image"], workdir / "eval", "seg")),
-        }
-    )
+    keys = ["image", "label", "pred"]
+    volumes = {
+        "image": load(item["image"]),
+        "label": load(item["label"]),
+        "pred": load(output_path(item["image"], workdir / "eval", "seg")),
+        "region": item.get("region"),
+    }
+    volumes = CropRegiond(keys)(AddSectionAxisd(keys)(volumes))
     picture = save_comparison_png(
         *(np.asarray(volumes[k][0]) for k in ("image", "label", "pred")),
         path=workdir / "eval" / "comparison.png",
@@ -87,7 +88,6 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> dict:
         f"\nvalidation region: MIoU(all) = {summary['mean']['miou_all']:.4f}, MIoU(org) = {summary['mean']['miou_org']:.4f}"
         f"\npicture: {picture}\nmetrics: {workdir / 'eval' / 'metrics.csv'}\ntotal time: {time.time() - start:.0f} s"
     )
-    return summary["mean"]
 
 
 if __name__ == "__main__":

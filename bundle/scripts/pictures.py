@@ -57,7 +57,7 @@ def save_comparison_png(
     fig.legend(handles=handles, loc="lower center", ncol=min(len(class_names), 7), fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.png")
