@@ -17,6 +17,8 @@ TINY = {
     "batch_size": 2,
     "val_interval": 20,
 }
+# small but able to learn: what the trained-beats-untrained tests use
+SMALL = {**TINY, "network_def#features": 16, "windows_per_volume": 20, "val_interval": 50, "learning_rate": 3e-3}
 
 
 def bundle_run(run_id: str, config_files: list[str], overrides: dict, check: bool = True, timeout: int = 600):

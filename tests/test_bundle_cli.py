@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_cli import TINY, bundle_run
+from bundle_cli import SMALL, TINY, bundle_run
 from conftest import BUNDLE, SHARED_DATA, require_shared
 
 PLATELET = ["configs/train.json"]
@@ -38,15 +38,13 @@ def platelet_run(tmp_path_factory):
     require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
     root = tmp_path_factory.mktemp("platelet")
     common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(root / "eval")}
-    train = bundle_run(
-        "training", PLATELET, {**TINY, **common, "ckpt_dir": str(root / "models"), "max_epochs": 10, "learning_rate": 3e-3}
-    )
+    train = bundle_run("training", PLATELET, {**SMALL, **common, "ckpt_dir": str(root / "models"), "max_epochs": 15})
     return {"root": root, "common": common, "train_log": train.stdout + train.stderr}
 
 
 def _infer_and_evaluate(root, common, ckpt, name, extra=None):
     out = {**common, "output_dir": str(root / name)}
-    bundle_run("inference", ["configs/inference.json"], {**out, "ckpt_path": str(ckpt), "network_def#features": 8, "infer_window": [192, 192, 1], **(extra or {})})
+    bundle_run("inference", ["configs/inference.json"], {**out, "ckpt_path": str(ckpt), "network_def#features": 16, "infer_window": [192, 192, 1], **(extra or {})})
     bundle_run("evaluating", ["configs/evaluate.json"], out)
     return json.loads((root / name / "metrics.json").read_text())["mean"]
 
@@ -64,7 +62,7 @@ def test_platelet_train_infer_evaluate_beats_untrained(platelet_run):
     assert set(np.unique(_pages(seg))) <= set(range(7))
     assert (root / "trained" / "metrics.csv").is_file()
 
-    _save_untrained(PLATELET, {"network_def#features": 8}, root / "untrained.pt")
+    _save_untrained(PLATELET, {"network_def#features": 16}, root / "untrained.pt")
     untrained = _infer_and_evaluate(root, common, root / "untrained.pt", "untrained")
     print(f"platelet validation region MIoU(all): trained {trained['miou_all']:.3f}, untrained {untrained['miou_all']:.3f}")
     assert trained["miou_all"] > untrained["miou_all"] + 0.15
@@ -77,7 +75,7 @@ def test_probability_maps_on_request(platelet_run):
     bundle_run(
         "inference",
         ["configs/inference.json"],
-        {**out, "ckpt_path": str(root / "models" / "model.pt"), "network_def#features": 8, "save_probabilities": True},
+        {**out, "ckpt_path": str(root / "models" / "model.pt"), "network_def#features": 16, "save_probabilities": True},
     )
     prob = nib.load(root / "prob" / "50-slice0-image_prob.nii.gz")
     assert prob.shape == (800, 800, 1, 7) or prob.shape == (800, 800, 7)
@@ -103,7 +101,7 @@ def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
             "datalist": str(tmp_path / "datalist.json"),
             "output_dir": str(tmp_path / "out"),
             "ckpt_path": str(platelet_run["root"] / "models" / "model.pt"),
-            "network_def#features": 8,
+            "network_def#features": 16,
         },
     )
     seg = nib.load(tmp_path / "out" / "stack_seg.nii.gz")
@@ -115,8 +113,8 @@ def test_isbi_stack_trains_resamples_and_keeps_geometry(tmp_path):
     """ISBI voxels (4 x 4 x 50 nm) are resampled to 8 x 8 x 50 nm for the network and back onto the input grid."""
     require_shared("isbi2012/images.tif", "isbi2012/labels.tif")
     common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path / "eval")}
-    tiny = {**TINY, "train_window": [96, 96, 3], "val_window": [128, 128, 5]}
-    bundle_run("training", ISBI, {**tiny, **common, "ckpt_dir": str(tmp_path / "models"), "max_epochs": 8, "learning_rate": 3e-3})
+    small = {**SMALL, "network_def#features": 8, "train_window": [96, 96, 3], "val_window": [128, 128, 5]}
+    bundle_run("training", ISBI, {**small, **common, "ckpt_dir": str(tmp_path / "models"), "max_epochs": 8})
     bundle_run(
         "inference",
         ["configs/inference.json", "configs/variants/isbi2012.json"],
