@@ -30,7 +30,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def main(steps: int = 3, output: str = "benchmarks/results/train_step.json") -> dict:
+def main(steps: int = 3, output: str = "benchmarks/results/train_step.json") -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = HybridUNet2D3D().to(device).train()
@@ -61,7 +61,6 @@ def main(steps: int = 3, output: str = "benchmarks/results/train_step.json") -> 
     print(json.dumps(result, indent=2))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2))
-    return result
 
 
 if __name__ == "__main__":

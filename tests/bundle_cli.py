@@ -25,7 +25,10 @@ def bundle_run(run_id: str, config_files: list[str], overrides: dict, check: boo
     """Run ``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` and return the result."""
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(config_files)]
     for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)]
+        command += [
+            f"--{key}",
+            json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value),
+        ]
     result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

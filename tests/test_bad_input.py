@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bundle_cli import TINY, bundle_run
-from conftest import SHARED_DATA, require_shared
+from conftest import require_shared
 
 
 def _write_pages(path, pages):
@@ -30,8 +30,12 @@ def _train(tmp_path, image, label, datalist=None):
     datalist = datalist if datalist is not None else {"training": [item], "validation": [item]}
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     overrides = {**TINY, "train_window": [64, 64, 1], "val_window": [64, 64, 1], "max_epochs": 1}
-    overrides.update(dataset_dir=str(tmp_path), datalist=str(tmp_path / "datalist.json"), ckpt_dir=str(tmp_path / "models"))
-    result = bundle_run("training", ["configs/train.json"], {**overrides, "output_dir": str(tmp_path / "eval")}, check=False)
+    overrides.update(
+        dataset_dir=str(tmp_path), datalist=str(tmp_path / "datalist.json"), ckpt_dir=str(tmp_path / "models")
+    )
+    result = bundle_run(
+        "training", ["configs/train.json"], {**overrides, "output_dir": str(tmp_path / "eval")}, check=False
+    )
     assert result.returncode != 0, "bad input was accepted"
     assert not (tmp_path / "models").exists(), "training started on bad input"
     return result.stdout + result.stderr

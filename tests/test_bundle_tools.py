@@ -27,7 +27,14 @@ def test_verify_metadata_offline():
 
 def test_verify_net_in_out():
     result = _monai_bundle(
-        "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "2"
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--n",
+        "2",
     )
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 
@@ -40,8 +47,16 @@ def test_torchscript_export_matches_eager(tmp_path):
     network = parser.get_parsed_content("network_def")
     torch.save(network.state_dict(), tmp_path / "model.pt")
     _monai_bundle(
-        "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
-        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(tmp_path / "model.ts"),
+        "--ckpt_file",
+        str(tmp_path / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
     )
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     image = torch.randn(1, 1, 64, 48, 3)

@@ -9,7 +9,14 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
 import scripts.io
-from scripts.io import SaveVolumed, load_class_schema, load_datalist, output_path, volume_suffix, write_volume_atomically
+from scripts.io import (
+    SaveVolumed,
+    load_class_schema,
+    load_datalist,
+    output_path,
+    volume_suffix,
+    write_volume_atomically,
+)
 from scripts.transforms import AddSectionAxisd
 
 LOAD = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
@@ -95,3 +102,17 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_volume_atomically(volume, volume.meta, tmp_path / "out.tif", np.uint8)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mha_round_trip_keeps_spacing_and_order(tmp_path):
+    pages = np.random.default_rng(1).integers(0, 5, (3, 9, 7), dtype=np.uint8)
+    image = itk.GetImageFromArray(pages)
+    image.SetSpacing((4.0, 5.0, 50.0))
+    itk.imwrite(image, str(tmp_path / "vol.mha"))
+    volume = LOAD(str(tmp_path / "vol.mha"))
+    assert volume.shape == (1, 7, 9, 3)
+    np.testing.assert_allclose(volume.pixdim.tolist(), [4.0, 5.0, 50.0])
+    SaveVolumed("label", tmp_path / "out", "seg")({"label": volume})
+    written = itk.imread(str(tmp_path / "out" / "vol_seg.mha"))
+    np.testing.assert_array_equal(itk.GetArrayFromImage(written), pages)
+    np.testing.assert_allclose(tuple(written.GetSpacing()), (4.0, 5.0, 50.0))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
+
 from scripts.losses import WeightedCrossEntropyLoss
 
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+
 from scripts.networks import HybridUNet2D3D
 
 PAPER_PARAMS = {"full": 10.3e6, "no_3x3x3": 9.9e6, "no_pyramid": 7.9e6}  # Guay et al. 2020, Table 1(b)

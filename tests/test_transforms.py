@@ -10,7 +10,9 @@ from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd, Valida
 
 def _volume(shape=(1, 6, 5, 4), value=None, spacing=(1.0, 1.0, 1.0)):
     data = torch.arange(float(np.prod(shape))).reshape(shape) if value is None else torch.full(shape, value)
-    return MetaTensor(data, affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)), meta={"filename_or_obj": "v.tif"})
+    return MetaTensor(
+        data, affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)), meta={"filename_or_obj": "v.tif"}
+    )
 
 
 def test_add_section_axis_makes_a_depth_one_volume_with_4x4_affine():
@@ -67,7 +69,7 @@ def test_validate_volume_accepts_ignore_index():
 
 
 def test_real_tiff_axis_order_is_x_y_z():
-    image_path, = require_shared("isbi2012/images.tif")
+    (image_path,) = require_shared("isbi2012/images.tif")
     import itk
 
     pages = itk.GetArrayFromImage(itk.imread(str(image_path)))  # (z, y, x) as stored
@@ -78,7 +80,7 @@ def test_real_tiff_axis_order_is_x_y_z():
 
 
 def test_real_single_page_becomes_depth_one_volume():
-    image_path, = require_shared("platelet/50-slice0-image.tif")
+    (image_path,) = require_shared("platelet/50-slice0-image.tif")
     loaded = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(image_path))
     volume = AddSectionAxisd("image", section_thickness=50.0)({"image": loaded})["image"]
     assert volume.shape == (1, 800, 800, 1)

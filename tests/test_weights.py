@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+
 from scripts.weights import WeightMapd, class_balance_weights, edge_weights, weight_map
 
 EASY = dict(diffusion=0.6, decay=1.0, max_weight=25.0)

@@ -66,7 +66,7 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
     )
     _bundle_run("evaluating", ["configs/evaluate.json"], common)
 
-    summary = json.loads((workdir / "eval" / "metrics.json").read_text())
+    mean = json.loads((workdir / "eval" / "metrics.json").read_text())["mean"]
     names = load_class_schema(BUNDLE_ROOT / "configs" / "metadata.json")["names"]
     item = load_datalist(datalist, dataset_dir, key="validation")[0]
     load = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
@@ -82,10 +82,10 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
         *(np.asarray(volumes[k][0]) for k in ("image", "label", "pred")),
         path=workdir / "eval" / "comparison.png",
         class_names=names,
-        title=f"validation region MIoU(all) {summary['mean']['miou_all']:.3f}, MIoU(org) {summary['mean']['miou_org']:.3f}",
+        title=f"validation region MIoU(all) {mean['miou_all']:.3f}, MIoU(org) {mean['miou_org']:.3f}",
     )
     print(
-        f"\nvalidation region: MIoU(all) = {summary['mean']['miou_all']:.4f}, MIoU(org) = {summary['mean']['miou_org']:.4f}"
+        f"\nvalidation region: MIoU(all) = {mean['miou_all']:.4f}, MIoU(org) = {mean['miou_org']:.4f}"
         f"\npicture: {picture}\nmetrics: {workdir / 'eval' / 'metrics.csv'}\ntotal time: {time.time() - start:.0f} s"
     )
 

@@ -32,7 +32,9 @@ class MinimumMetricStopper:
     def __call__(self, trainer: Engine) -> None:
         best = getattr(self.validator.state, "best_metric", None)
         if trainer.state.epoch >= self.epochs and best is not None and best < self.threshold:
-            logger.warning(f"stopping: best validation metric {best:.4f} < {self.threshold} after {trainer.state.epoch} epochs")
+            logger.warning(
+                f"stopping: best validation metric {best:.4f} < {self.threshold} after {trainer.state.epoch} epochs"
+            )
             trainer.terminate()
 
 

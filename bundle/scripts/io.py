@@ -97,7 +97,9 @@ def load_class_schema(metadata_file: str | os.PathLike) -> dict:
     return {"names": names, "organelles": organelles}
 
 
-def output_path(source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str, suffix: str | None = None) -> Path:
+def output_path(
+    source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str, suffix: str | None = None
+) -> Path:
     """``output_dir/<source name>_<postfix><suffix>``, keeping the source's format unless ``suffix`` is given."""
     source_suffix = volume_suffix(source)
     stem = Path(source).name[: -len(source_suffix)]

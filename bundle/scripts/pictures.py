@@ -16,7 +16,16 @@ from matplotlib.patches import Patch  # noqa: E402
 
 # distinct colours for up to 10 classes; class 0 (background) is transparent-looking black
 CLASS_COLOURS = [
-    "#000000", "#4e79a7", "#e15759", "#f28e2b", "#59a14f", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7", "#9c755f"
+    "#000000",
+    "#4e79a7",
+    "#e15759",
+    "#f28e2b",
+    "#59a14f",
+    "#b07aa1",
+    "#edc948",
+    "#76b7b2",
+    "#ff9da7",
+    "#9c755f",
 ]
 
 

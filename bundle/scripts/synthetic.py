@@ -14,7 +14,15 @@ from scipy import ndimage
 from scripts.io import write_volume_atomically
 
 # class index -> (mean intensity, texture amplitude) loosely mimicking inverted-contrast SBF-SEM
-_APPEARANCE = {0: (0.15, 0.05), 1: (0.55, 0.08), 2: (0.30, 0.10), 3: (0.40, 0.04), 4: (0.85, 0.03), 5: (0.65, 0.03), 6: (0.05, 0.02)}
+_APPEARANCE = {
+    0: (0.15, 0.05),
+    1: (0.55, 0.08),
+    2: (0.30, 0.10),
+    3: (0.40, 0.04),
+    4: (0.85, 0.03),
+    5: (0.65, 0.03),
+    6: (0.05, 0.02),
+}
 
 
 def _ellipsoids(shape, count, radius_xy, radius_z, rng, inside=None) -> np.ndarray:
@@ -68,7 +76,9 @@ def write_synthetic_dataset(directory: str | os.PathLike, shape=(256, 256, 8), s
     directory = Path(directory)
     image, label = synthetic_em_volume(shape, seed)
     affine = np.diag([10.0, 10.0, 50.0, 1.0])
-    write_volume_atomically(torch.from_numpy(image.astype(np.uint16))[None], {"affine": affine}, directory / "image.tif", np.uint16)
+    write_volume_atomically(
+        torch.from_numpy(image.astype(np.uint16))[None], {"affine": affine}, directory / "image.tif", np.uint16
+    )
     write_volume_atomically(torch.from_numpy(label)[None], {"affine": affine}, directory / "labels.tif", np.uint8)
     split = shape[1] * 3 // 4
     item = {"image": "image.tif", "label": "labels.tif", "spacing": [10.0, 10.0, 50.0]}

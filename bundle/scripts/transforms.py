@@ -87,7 +87,8 @@ class SetSpacingd(MapTransform):
             array = d[key]
             if spacing.numel() != array.ndim - 1 or bool((spacing <= 0).any()):
                 raise ValueError(
-                    f"{_source(array)}: spacing {spacing.tolist()} for '{key}' must hold {array.ndim - 1} positive values"
+                    f"{_source(array)}: spacing {spacing.tolist()} for '{key}' "
+                    f"must hold {array.ndim - 1} positive values"
                 )
             affine = array.affine.clone().to(torch.float64)
             direction = affine[:3, :3] / torch.linalg.norm(affine[:3, :3], dim=0, keepdim=True)
@@ -120,9 +121,7 @@ class CropRegiond(MapTransform):
         for key in self.key_iterator(d):
             array = d[key]
             shape = array.shape[1:]
-            if len(region) != len(shape) or any(
-                not (0 <= lo < hi <= size) for (lo, hi), size in zip(region, shape)
-            ):
+            if len(region) != len(shape) or any(not (0 <= lo < hi <= size) for (lo, hi), size in zip(region, shape)):
                 raise ValueError(
                     f"{_source(array)}: region {region} of '{key}' does not fit in its shape {tuple(shape)} (x, y, z)"
                 )
@@ -181,11 +180,14 @@ class ValidateVolumed(MapTransform):
                 )
             if self.num_classes is not None:
                 label_values = torch.unique(torch.as_tensor(label))
-                allowed = set(range(self.num_classes)) | ({self.ignore_index} if self.ignore_index is not None else set())
+                allowed = set(range(self.num_classes)) | (
+                    {self.ignore_index} if self.ignore_index is not None else set()
+                )
                 bad = sorted(float(v) for v in label_values.tolist() if v not in allowed)
                 if bad:
                     raise ValueError(
                         f"{label_source}: label '{self.label_key}' has values {bad[:10]} outside the class list "
-                        f"0..{self.num_classes - 1}" + (f" and ignore index {self.ignore_index}" if self.ignore_index is not None else "")
+                        f"0..{self.num_classes - 1}"
+                        + (f" and ignore index {self.ignore_index}" if self.ignore_index is not None else "")
                     )
         return d
