@@ -75,7 +75,12 @@ def test_segmentation_report_writes_csv_json_and_table(tmp_path, capsys):
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["mean"]["iou"]["cell"] == 0.0
     assert summary["mean"]["miou_org"] == pytest.approx(1.0)  # organelles untouched
-    assert "miou_all" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "miou_all" in out
+    # organelles untouched: every ground-truth organelle object is found, and the sentence says so
+    assert summary["objects"] and all(row["found"] == row["gt_objects"] for row in summary["objects"])
+    assert (tmp_path / "out" / "objects.csv").is_file() and (tmp_path / "out" / "image_overlay.png").is_file()
+    assert " found (100.0 %)" in out
 
 
 def test_segmentation_report_names_missing_prediction(tmp_path):

@@ -305,3 +305,17 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert net(x.cuda()).shape == (1, 7, 16, 16, 3)
+
+
+def test_section_wise_2d_runs_a_2d_network_on_every_section():
+    from scripts.networks import SectionWise2D, unet_with_deep_dropout
+
+    net2d = unet_with_deep_dropout(in_channels=3, out_channels=5, features=(4, 4, 8, 8, 16, 4)).eval()
+    net = SectionWise2D(net2d).eval()
+    x = torch.randn(2, 3, 32, 48, 4)
+    out = net(x)
+    assert out.shape == (2, 5, 32, 48, 4)
+    torch.testing.assert_close(out[1, :, :, :, 2], net2d(x[1:2, :, :, :, 2])[0], atol=1e-5, rtol=1e-5)
+    dropouts = [m for m in net2d.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net2d.modules())

@@ -1,0 +1,40 @@
+"""The FIB-SEM recipe variants train and infer through the CLI on real EM (platelet slice, ISBI stack)."""
+
+import itk
+import numpy as np
+import pytest
+
+from bundle_cli import TINY, bundle_run
+from conftest import SHARED_DATA, require_shared
+
+UNET = ["configs/variants/fibsem_unet.json"]
+EFFICIENTNET = ["configs/variants/fibsem_unet.json", "configs/variants/fibsem_efficientnet.json"]
+DATASETS = {
+    "platelet": ([], "50-slice0-image_seg.tif", (800, 800), range(7)),
+    "isbi2012": (["configs/variants/isbi2012.json"], "images_seg.tif", (20, 512, 512), range(2)),
+}
+RECIPE_TINY = {
+    **{key: value for key, value in TINY.items() if not key.startswith("network_def")},
+    "train_window": [64, 64, 1],
+    "infer_window": [96, 96, 1],
+    "windows_per_volume": 2,
+    "max_epochs": 1,
+    "val_interval": 1,
+    "grain_filter_areas": [20, 80],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+@pytest.mark.parametrize("variant", [UNET, EFFICIENTNET], ids=["unet_bn_dropout", "efficientnet_b4"])
+def test_variant_trains_and_infers(variant, dataset, tmp_path):
+    require_shared("platelet/50-slice0-image.tif", "isbi2012/images.tif")
+    data_variant, seg_name, seg_shape, classes = DATASETS[dataset]
+    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path)}
+    overrides = {**RECIPE_TINY, **common}
+    train = ["configs/train.json", *data_variant, *variant]
+    bundle_run("training", train, {**overrides, "ckpt_dir": str(tmp_path / "models")})
+    infer = ["configs/inference.json", *data_variant, *variant]
+    bundle_run("inference", infer, {**overrides, "ckpt_path": str(tmp_path / "models" / "model.pt")})
+    seg = itk.GetArrayFromImage(itk.imread(str(tmp_path / seg_name)))
+    assert seg.shape == seg_shape
+    assert set(np.unique(seg)) <= set(classes)
