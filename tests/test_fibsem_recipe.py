@@ -16,7 +16,8 @@ DATASETS = {
 RECIPE_TINY = {
     **{key: value for key, value in TINY.items() if not key.startswith("network_def")},
     "train_window": [64, 64, 1],
-    "infer_window": [96, 96, 1],
+    "val_window": [224, 224, 1],
+    "infer_window": [224, 224, 1],
     "windows_per_volume": 2,
     "max_epochs": 1,
     "val_interval": 1,
