@@ -289,12 +289,11 @@ class SegmentationReport:
         )
         per_section = missed.reshape(-1, missed.shape[-1]).sum(0)
         z = int(per_section.argmax()) if per_section.any() else None
-        stem = name[: -len(Path(name).suffix)] if not name.endswith(".nii.gz") else name[: -len(".nii.gz")]
         save_comparison_png(
             volume["image"],
             label,
             pred,
-            self.output_dir / f"{stem}_overlay.png",
+            output_path(name, self.output_dir, "overlay", ".png"),
             self.class_names,
             z=z,
             title=f"{name}: missed objects outlined in white",
