@@ -1,0 +1,486 @@
+"""Experiment runner of the paper's Table 1 and Figure 4: many seeds per architecture, ranking, top-k ensembles.
+
+For every variant (``hybrid`` = ``configs/train.json`` alone, any other name = ``configs/variants/<name>.json`` on
+top of it) it trains N instances that differ only in their random seed, runs inference and evaluation on the
+datalist's validation section, ranks the instances by MIoU(all), and evaluates the top-k ensembles of each
+variant. All runs go through ``monai.bundle.run``, the code path of ``python -m monai.bundle run``.
+
+Written to ``workdir``:
+
+- ``table1.md`` / ``table1.csv``: the layout of the paper's Table 1, (a) best ensemble per architecture,
+  (b) best single network per architecture with its parameter count, (c) baselines; MIoU(all) and MIoU(org).
+- ``per_class.md`` / ``per_class.csv``: per-class F1 (Dice), precision, recall and ground-truth objects found,
+  missed and under-detected, for each row of Table 1.
+- ``instances.csv``: every instance with its rank inside its variant.
+- ``miou_histogram.png``: the per-instance MIoU(all) distribution per variant (the paper's Figure 4).
+
+It resumes: an instance or ensemble whose ``result.json`` exists is not run again; one without it (killed part
+way) is started afresh.
+
+Usage (from ``bundle/``)::
+
+    python -m scripts.experiments run --variants "['hybrid','ablation_no_pyramid']" --instances 3 \
+        --workdir ../runs/table1 --recipe configs/variants/demo_cpu.json
+    python -m scripts.experiments tables --workdir ../runs/table1
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import monai.bundle  # noqa: E402
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BASE_VARIANT = "hybrid"
+# the paper's names of its architectures (Table 1); other variants are listed under their file name
+PAPER_NAMES = {
+    BASE_VARIANT: "2D-3D+3x3x3",
+    "ablation_no_3x3x3": "2D-3D",
+    "ablation_no_multiloss": "2D-3D+3x3x3, no multi-loss",
+    "ablation_no_pyramid": "2D-3D+3x3x3, no 3D pyramid",
+    "baseline_unet2d": "2D U-Net",
+    "baseline_unet3d_thin": "3D U-Net thin",
+    "baseline_unet3d_thick": "3D U-Net thick",
+}
+
+
+def display_name(variant: str) -> str:
+    """The paper's name of a variant, or the variant's own name."""
+    return PAPER_NAMES.get(variant, variant)
+
+
+def is_baseline(variant: str) -> bool:
+    """Baselines go to section (c) of Table 1."""
+    return variant.startswith("baseline")
+
+
+def variant_files(variant: str, recipe: Sequence[str] = ()) -> list[str]:
+    """Config override files of a variant after the recipe files (e.g. a CPU-scale recipe), relative to the bundle."""
+    files = list(recipe)
+    if variant != BASE_VARIANT:
+        path = f"configs/variants/{variant}.json"
+        if not (BUNDLE_ROOT / path).is_file():
+            known = sorted(p.stem for p in (BUNDLE_ROOT / "configs" / "variants").glob("*.json"))
+            raise ValueError(
+                f"variant '{variant}': {BUNDLE_ROOT / path} does not exist; known: {BASE_VARIANT}, {known}"
+            )
+        files.append(path)
+    return files
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """Write JSON through a temporary name, so that a killed run never leaves a half-written result."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_csv_atomically(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def count_parameters(config_files: Sequence[str], overrides: dict) -> int:
+    """Trainable parameters of the config's ``network_def``."""
+    parser = monai.bundle.ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / f) for f in config_files])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **overrides})
+    network = parser.get_parsed_content("network_def")
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def read_evaluation(eval_dir: Path) -> dict:
+    """MIoU(all), MIoU(org), per-class scores and object counts from an evaluation's metrics.json and metrics.csv."""
+    summary = json.loads((eval_dir / "metrics.json").read_text())
+    with open(eval_dir / "metrics.csv", newline="") as f:
+        per_class = {
+            row["class"]: {k: float(row[k]) for k in ("iou", "dice", "precision", "recall")}
+            for row in csv.DictReader(f)
+            if row["volume"] == "ALL"
+        }
+    objects: dict[str, dict] = {}
+    for row in summary["objects"]:  # summed over volumes
+        counts = objects.setdefault(row["class"], {"gt_objects": 0, "found": 0, "missed": 0, "under_detected": 0})
+        for key in counts:
+            counts[key] += int(row[key])
+    return {
+        "miou_all": summary["mean"]["miou_all"],
+        "miou_org": summary["mean"]["miou_org"],
+        "per_class": per_class,
+        "objects": objects,
+    }
+
+
+class ExperimentRunner:
+    """Trains, evaluates and ranks instances of bundle variants; see the module docstring.
+
+    Args:
+        workdir: where instances, ensembles and tables go.
+        recipe: config files put between ``train.json``/``inference.json`` and each variant's file (e.g. a
+            CPU-scale recipe such as ``configs/variants/demo_cpu.json``).
+        overrides: ``key: value`` overrides of every run (top-level keys, or ids present in both ``train.json`` and
+            ``inference.json``), e.g. ``{"max_epochs": 2}``.
+        variant_overrides: further overrides per variant name, e.g. a narrower baseline.
+        datalist: datalist JSON with ``training``, ``validation`` and ``testing`` sections.
+        dataset_dir: base directory of the datalist's relative paths.
+        ensemble_sizes: the k of the top-k ensembles evaluated per variant (those with k above the number of
+            instances are skipped).
+        ensemble_mode: ``mean`` of the softmax (the paper) or majority ``vote``.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        recipe: Sequence[str] = (),
+        overrides: dict | None = None,
+        variant_overrides: dict[str, dict] | None = None,
+        datalist: str = "configs/datalists/platelet.json",
+        dataset_dir: str = "../../shared/data",
+        ensemble_sizes: Sequence[int] = (2, 3, 4),
+        ensemble_mode: str = "mean",
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.recipe = [recipe] if isinstance(recipe, str) else list(recipe)
+        self.overrides = dict(overrides or {})
+        self.variant_overrides = dict(variant_overrides or {})
+        self.common = {
+            "datalist": str((BUNDLE_ROOT / datalist).resolve()),
+            "dataset_dir": str((BUNDLE_ROOT / dataset_dir).resolve()),
+        }
+        for key, path in self.common.items():
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{key} {path} does not exist (relative paths start at {BUNDLE_ROOT})")
+        self.ensemble_sizes = [int(k) for k in ensemble_sizes if int(k) >= 2]
+        if ensemble_mode not in ("mean", "vote"):
+            raise ValueError(f"ensemble_mode must be 'mean' or 'vote', got '{ensemble_mode}'")
+        self.ensemble_mode = ensemble_mode
+        self.trained = 0
+
+    def _overrides(self, variant: str) -> dict:
+        return {**self.overrides, **self.variant_overrides.get(variant, {})}
+
+    def _infer_and_evaluate(self, variant: str, out_dir: Path, extra_files: Sequence[str], overrides: dict) -> dict:
+        eval_dir = out_dir / "eval"
+        monai.bundle.run(
+            "inference",
+            config_file=["configs/inference.json", *variant_files(variant, self.recipe), *extra_files],
+            output_dir=str(eval_dir),
+            **self.common,
+            **self._overrides(variant),
+            **overrides,
+        )
+        monai.bundle.run(
+            "evaluating",
+            config_file=["configs/evaluate.json"],
+            prediction_dir=str(eval_dir),
+            output_dir=str(eval_dir),
+            **self.common,
+        )
+        return read_evaluation(eval_dir)
+
+    def train_instance(self, variant: str, seed: int) -> dict:
+        """Train, infer and evaluate one instance, unless its ``result.json`` exists; return that result."""
+        out_dir = self.workdir / variant / f"seed{seed:03d}"
+        result_file = out_dir / "result.json"
+        train_files = ["configs/train.json", *variant_files(variant, self.recipe)]
+        settings = {"config_files": train_files, "overrides": self._overrides(variant), **self.common}
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            if result["settings"] != settings:
+                raise ValueError(
+                    f"{result_file} was trained with other settings:\n  {result['settings']}\nnot\n  {settings}\n"
+                    "use another workdir for new settings, or the same settings to resume"
+                )
+            return result
+        if out_dir.exists():  # left by a killed run: start afresh rather than trust half-written files
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        print(f"\n=== {variant}, seed {seed}: training ===", flush=True)
+        start = time.time()
+        monai.bundle.run(
+            "training",
+            config_file=train_files,
+            seed=seed,
+            ckpt_dir=str(out_dir / "models"),
+            output_dir=str(out_dir / "train"),
+            **self.common,
+            **self._overrides(variant),
+        )
+        train_seconds = time.time() - start
+        checkpoint = out_dir / "models" / "model.pt"
+        scores = self._infer_and_evaluate(variant, out_dir, [], {"ckpt_path": str(checkpoint)})
+        result = {
+            "variant": variant,
+            "seed": seed,
+            "parameters": count_parameters(train_files, self._overrides(variant)),
+            "checkpoint": str(checkpoint),
+            "train_seconds": round(train_seconds, 1),
+            "settings": settings,
+            **scores,
+        }
+        write_json_atomically(result, result_file)
+        self.trained += 1
+        return result
+
+    def evaluate_ensemble(self, variant: str, ranked: list[dict], k: int) -> dict:
+        """Evaluate the top-k ensemble of a variant's ranked instances, unless done for the same members."""
+        members = ranked[:k]
+        out_dir = self.workdir / variant / f"top{k}"
+        result_file = out_dir / "result.json"
+        seeds = [m["seed"] for m in members]
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            if result["members"] == seeds and result["mode"] == self.ensemble_mode:
+                return result
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        print(f"\n=== {variant}: top-{k} ensemble of seeds {seeds} ({self.ensemble_mode}) ===", flush=True)
+        scores = self._infer_and_evaluate(
+            variant,
+            out_dir,
+            ["configs/ensemble.json"],
+            {"ensemble_checkpoints": [m["checkpoint"] for m in members], "ensemble_mode": self.ensemble_mode},
+        )
+        result = {"variant": variant, "k": k, "members": seeds, "mode": self.ensemble_mode, **scores}
+        write_json_atomically(result, result_file)
+        return result
+
+    def run(self, variants: Sequence[str], instances: int, first_seed: int = 0) -> dict:
+        """Train ``instances`` seeds of each variant, evaluate its top-k ensembles, write the tables."""
+        variants = [variants] if isinstance(variants, str) else list(variants)
+        for variant in variants:  # a misspelt variant fails now, not after hours of training
+            variant_files(variant, self.recipe)
+        results = {}
+        for variant in variants:
+            ranked = sorted(
+                (self.train_instance(variant, seed) for seed in range(first_seed, first_seed + instances)),
+                key=lambda r: r["miou_all"],
+                reverse=True,
+            )
+            ensembles = [self.evaluate_ensemble(variant, ranked, k) for k in self.ensemble_sizes if k <= len(ranked)]
+            results[variant] = {"instances": ranked, "ensembles": ensembles}
+        write_tables(self.workdir, results)
+        print(f"\n{self.trained} instance(s) trained in this call; tables in {self.workdir}")
+        return results
+
+
+def collect_results(workdir: Path) -> dict:
+    """Finished instances (ranked by MIoU(all)) and ensembles of every variant found in ``workdir``."""
+    results = {}
+    for variant_dir in sorted(p for p in workdir.iterdir() if p.is_dir()):
+        instances = [json.loads(f.read_text()) for f in sorted(variant_dir.glob("seed*/result.json"))]
+        if not instances:
+            continue
+        ensembles = [json.loads(f.read_text()) for f in sorted(variant_dir.glob("top*/result.json"))]
+        results[variant_dir.name] = {
+            "instances": sorted(instances, key=lambda r: r["miou_all"], reverse=True),
+            "ensembles": sorted(ensembles, key=lambda r: r["k"]),
+        }
+    return results
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"  # NaN: a class absent from labels and predictions
+
+
+def _objects_found(result: dict) -> str:
+    found = sum(c["found"] for c in result["objects"].values())
+    total = sum(c["gt_objects"] for c in result["objects"].values())
+    return f"{found} of {total}"
+
+
+def table1_rows(results: dict) -> list[dict]:
+    """Rows of Table 1: (a) best ensemble per architecture, (b) best single network, (c) baselines."""
+    rows = []
+    for variant, entry in results.items():
+        if entry["ensembles"]:
+            best = max(entry["ensembles"], key=lambda r: r["miou_all"])
+            rows.append({"section": "(a) ensembles", "name": f"Top-{best['k']} {display_name(variant)}", **_row(best)})
+    for variant, entry in results.items():
+        best, n = entry["instances"][0], len(entry["instances"])
+        section = "(c) baselines" if is_baseline(variant) else "(b) single networks"
+        name = f"{display_name(variant)} ({best['parameters'] / 1e6:.2f} M), best of {n}"
+        rows.append({"section": section, "name": name, **_row(best)})
+    order = ["(a) ensembles", "(b) single networks", "(c) baselines"]
+    return sorted(rows, key=lambda r: order.index(r["section"]))  # stable: keeps the variants' order
+
+
+def _row(result: dict) -> dict:
+    return {
+        "eval_miou_all": result["miou_all"],
+        "eval_miou_org": result["miou_org"],
+        "organelles_found": _objects_found(result),
+        "_result": result,
+    }
+
+
+def _markdown(rows: list[dict], columns: Sequence[str], header: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(_fmt(row[c]) if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_tables(workdir: str | Path, results: dict) -> str:
+    """Write Table 1, the per-class table, the instance list and the histogram; return Table 1 as Markdown."""
+    workdir = Path(workdir)
+    rows = table1_rows(results)
+    columns = ["section", "name", "eval_miou_all", "eval_miou_org", "organelles_found"]
+    _write_csv_atomically([{c: r[c] for c in columns} for r in rows], workdir / "table1.csv")
+    table1 = _markdown(rows, columns, ["", "network", "Eval MIoU(all)", "Eval MIoU(org)", "organelles found"])
+    distribution = [
+        {
+            "name": display_name(v),
+            "n": len(e["instances"]),
+            "mean": statistics.fmean(r["miou_all"] for r in e["instances"]),
+            "sd": statistics.stdev([r["miou_all"] for r in e["instances"]]) if len(e["instances"]) > 1 else 0.0,
+            "min": e["instances"][-1]["miou_all"],
+            "max": e["instances"][0]["miou_all"],
+        }
+        for v, e in results.items()
+    ]
+    spread = _markdown(
+        distribution, ["name", "n", "mean", "sd", "min", "max"], ["network", "instances", "mean", "sd", "min", "max"]
+    )
+    markdown = f"## Table 1\n\n{table1}\n\n## Eval MIoU(all) over instances (Figure 4)\n\n{spread}\n"
+    tmp = workdir / ".table1.md.partial"
+    tmp.write_text(markdown)
+    os.replace(tmp, workdir / "table1.md")
+
+    per_class = []
+    for row in rows:
+        result = row["_result"]
+        for name, scores in result["per_class"].items():
+            objects = result["objects"].get(name, {})
+            per_class.append(
+                {
+                    "network": row["name"],
+                    "class": name,
+                    "f1": scores["dice"],
+                    "precision": scores["precision"],
+                    "recall": scores["recall"],
+                    "iou": scores["iou"],
+                    **{k: objects.get(k, "") for k in ("gt_objects", "found", "missed", "under_detected")},
+                }
+            )
+    _write_csv_atomically(per_class, workdir / "per_class.csv")
+    per_class_columns = ["network", "class", "f1", "precision", "recall", "gt_objects", "found", "missed"]
+    header = ["network", "class", "F1", "precision", "recall", "objects", "found", "missed"]
+    tmp = workdir / ".per_class.md.partial"
+    tmp.write_text(_markdown(per_class, per_class_columns, header) + "\n")
+    os.replace(tmp, workdir / "per_class.md")
+
+    instances = [
+        {
+            "variant": v,
+            "rank": rank,
+            "seed": r["seed"],
+            "parameters": r["parameters"],
+            "miou_all": r["miou_all"],
+            "miou_org": r["miou_org"],
+            "train_seconds": r["train_seconds"],
+            "checkpoint": r["checkpoint"],
+        }
+        for v, e in results.items()
+        for rank, r in enumerate(e["instances"], start=1)
+    ]
+    _write_csv_atomically(instances, workdir / "instances.csv")
+    save_histogram(results, workdir / "miou_histogram.png")
+    print(markdown)
+    return table1
+
+
+def save_histogram(results: dict, path: Path, bins: int = 10) -> Path:
+    """Normalised histograms of per-instance eval MIoU(all), one per variant, on shared bins (Figure 4)."""
+    values = {display_name(v): [r["miou_all"] for r in e["instances"]] for v, e in results.items()}
+    everything = [x for xs in values.values() for x in xs]
+    low, high = min(everything), max(everything)
+    if high - low < 1e-3:
+        low, high = low - 0.01, high + 0.01
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, xs in values.items():
+        _, _, patches = axes.hist(
+            xs, bins=bins, range=(low, high), density=True, histtype="step", linewidth=2, label=f"{name} (n={len(xs)})"
+        )
+        # a tick per instance: with a handful of seeds the ticks say more than the bars
+        axes.plot(xs, [0] * len(xs), "|", markersize=14, color=patches[0].get_edgecolor())
+    axes.set_xlabel("eval MIoU(all) of an instance")
+    axes.set_ylabel("density")
+    axes.set_title("Per-instance eval MIoU(all) by architecture")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def run(
+    variants: Sequence[str] | str = (BASE_VARIANT,),
+    instances: int = 3,
+    workdir: str = "../runs/experiments",
+    recipe: Sequence[str] | str = (),
+    overrides: dict | None = None,
+    datalist: str = "configs/datalists/platelet.json",
+    dataset_dir: str = "../../shared/data",
+    ensemble_sizes: Sequence[int] = (2, 3, 4),
+    ensemble_mode: str = "mean",
+    first_seed: int = 0,
+) -> None:
+    """Train ``instances`` seeds of every variant, rank them, evaluate top-k ensembles and write the tables.
+
+    Args:
+        variants: ``hybrid`` (the paper's 2D-3D+3x3x3 network) and/or names of files in ``configs/variants/``.
+        instances: seeds per variant.
+        workdir: output directory (relative to ``bundle/``); a second call with the same settings trains nothing.
+        recipe: config file(s) applied before each variant's file, e.g. ``configs/variants/demo_cpu.json``.
+        overrides: ``key: value`` overrides of every run, e.g. ``"{'max_epochs': 2}"``.
+        datalist: datalist JSON (training, validation and testing sections).
+        dataset_dir: base directory of the datalist's relative paths.
+        ensemble_sizes: k of the top-k ensembles.
+        ensemble_mode: ``mean`` or ``vote``.
+        first_seed: seed of the first instance; instance i uses ``first_seed + i``.
+    """
+    runner = ExperimentRunner(
+        workdir,
+        recipe,
+        overrides,
+        datalist=datalist,
+        dataset_dir=dataset_dir,
+        ensemble_sizes=ensemble_sizes,
+        ensemble_mode=ensemble_mode,
+    )
+    runner.run(variants, instances, first_seed)
+
+
+def tables(workdir: str = "../runs/experiments") -> None:
+    """Rewrite the tables and the histogram from the finished results in ``workdir``."""
+    workdir = Path(workdir).resolve()
+    results = collect_results(workdir)
+    if not results:
+        raise FileNotFoundError(f"no finished instance (*/seed*/result.json) in {workdir}")
+    write_tables(workdir, results)
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "tables": tables})
