@@ -184,6 +184,9 @@ class SegmentationReport:
         object_classes: classes of the object-level table; default the organelle classes.
         connectivity: 6 or 26, the connectivity of objects.
         spacing: voxel size (x, y, z) for physical volumes when neither the item nor the file gives one.
+        label_transforms: dictionary transforms applied to the loaded ``{"image", "pred", "label"}`` before
+            scoring, e.g. a task's label mapping (``scripts.tasks.MapLabelsd``) so ground truth and prediction
+            share the task's classes.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class SegmentationReport:
         object_classes: Sequence[int] | None = None,
         connectivity: int = 6,
         spacing: Sequence[float] | None = None,
+        label_transforms: Sequence[Callable] = (),
     ) -> None:
         self.items = load_datalist(datalist_file, dataset_dir, key=key)
         self.prediction_dir = prediction_dir
@@ -211,6 +215,7 @@ class SegmentationReport:
         self.object_classes = list(object_classes) if object_classes is not None else self.organelle_classes
         self.connectivity = connectivity
         self.spacing = spacing
+        self.label_transforms = list(label_transforms)
         for item in self.items:
             item["pred"] = str(output_path(item["image"], prediction_dir, prediction_postfix))
             if not os.path.isfile(item["pred"]):
@@ -226,6 +231,8 @@ class SegmentationReport:
         d = {key: loader(item[key]) for key in keys}
         d.update(region=item.get("region"), spacing=item.get("spacing"))
         d = SetSpacingd(keys, spacing=self.spacing)(CropRegiond(keys)(AddSectionAxisd(keys)(d)))
+        for transform in self.label_transforms:
+            d = transform(d)
         if d["pred"].shape != d["label"].shape:
             raise ValueError(
                 f"prediction {item['pred']} has shape {tuple(d['pred'].shape[1:])}, "
