@@ -3,6 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Under pytest-xdist (run_tests.sh: -n 2) each worker gets its share of the cores, and so do the CLI subprocesses
+# it starts (they inherit OMP_NUM_THREADS): two workers each running two threads on two cores spin-wait for each
+# other and run several times slower than one thread each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

@@ -53,6 +53,7 @@ def _infer_and_evaluate(root, common, ckpt, name, extra=None):
     return json.loads((root / name / "metrics.json").read_text())["mean"]
 
 
+@pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
 def test_platelet_train_infer_evaluate_beats_untrained(platelet_run):
     root, common = platelet_run["root"], platelet_run["common"]
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "model_last.pt").is_file()
@@ -73,6 +74,7 @@ def test_platelet_train_infer_evaluate_beats_untrained(platelet_run):
     assert trained["miou_all"] > 0.25  # predicting "cell" everywhere scores 0.106
 
 
+@pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
 def test_probability_maps_on_request(platelet_run):
     root, common = platelet_run["root"], platelet_run["common"]
     out = {**common, "output_dir": str(root / "prob")}
@@ -89,6 +91,7 @@ def test_probability_maps_on_request(platelet_run):
     np.testing.assert_array_equal(np.asarray(prob.dataobj).reshape(800, 800, 7).argmax(-1).T, seg)
 
 
+@pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
 def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
     """A real ISBI sub-stack saved as NIfTI with a 4x4x50 nm affine segments into NIfTI on the same grid."""
     (images,) = require_shared("isbi2012/images.tif")
@@ -152,7 +155,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
 
 def test_default_training_command_runs_as_written():
     """``python -m monai.bundle run training --config_file configs/train.json`` with no other argument starts
-    training the paper-size network on the default dataset_dir (``../shared/data`` beside the checkout)."""
+    training the default network on the default dataset_dir (``../shared/data`` beside the checkout)."""
     require_shared("platelet/50-slice0-image.tif")
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json"]
     # killed after the first logged step: checkpoints come only at validation (every 1000 steps) or at the end
@@ -169,3 +172,16 @@ def test_default_training_command_runs_as_written():
     log = "".join(seen)
     assert "train_loss" in log, log[-3000:]
     assert "Epoch: 1/200" in log
+
+
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_default_network_is_the_shipped_width_and_paper_size_json_the_papers(config):
+    """train.json and inference.json build the same network (MONAI Label trains with one and serves with the
+    other); configs/variants/paper_size.json gives both the paper's 10.3 M-parameter network."""
+    counts = []
+    for variants in ([], ["variants/paper_size.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / f) for f in (config, *variants)])
+        parser["bundle_root"] = str(BUNDLE)
+        counts.append(sum(p.numel() for p in parser.get_parsed_content("network_def").parameters()))
+    assert counts == [649_646, 10_267_022]
