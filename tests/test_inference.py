@@ -1,6 +1,7 @@
 import torch
+from monai.inferers import SlidingWindowInferer
 
-from scripts.inference import CentreWindowInferer
+from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer
 
 
 def test_centre_window_inferer_keeps_only_window_centres():
@@ -24,3 +25,28 @@ def test_centre_window_inferer_covers_volume_borders_and_is_identity_for_identit
     image = torch.randn(1, 1, 100, 90, 3)
     out = CentreWindowInferer((48, 48, 3))(image, lambda w: w * 2)
     torch.testing.assert_close(out, image * 2, atol=1e-4, rtol=1e-4)
+
+
+def test_fitted_window_shrinks_to_a_single_section_instead_of_padding():
+    """The network sees windows as deep as the volume (one section, not one among four padded ones); on a volume
+    as deep as the window it is MONAI's sliding window."""
+    depths = []
+
+    def predictor(window):
+        depths.append(window.shape[-1])
+        return window * 3
+
+    section = torch.randn(1, 1, 40, 40, 1)
+    fitted = FittedSlidingWindowInferer((32, 32, 5), overlap=0.25, mode="gaussian")
+    torch.testing.assert_close(fitted(section, predictor), section * 3)
+    assert set(depths) == {1}
+    depths.clear()
+    SlidingWindowInferer((32, 32, 5), overlap=0.25, mode="gaussian")(section, predictor)
+    assert set(depths) == {5}  # what the fitted one avoids
+
+    stack = torch.randn(1, 1, 40, 40, 7)
+    plain = SlidingWindowInferer((32, 32, 5), overlap=0.25, mode="gaussian")(stack, lambda w: w.cumsum(-1))
+    torch.testing.assert_close(fitted(stack, lambda w: w.cumsum(-1)), plain)
+    with_x = FittedSlidingWindowInferer((64, 32, 5), fit_axes=[0, 2])
+    depths.clear()
+    assert with_x(section, predictor).shape == section.shape and set(depths) == {1}

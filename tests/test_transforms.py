@@ -21,6 +21,9 @@ def test_add_section_axis_makes_a_depth_one_volume_with_4x4_affine():
     assert out.shape == (1, 8, 6, 1)
     assert out.affine.tolist() == [[-2, 0, 0, 5], [0, -3, 0, 7], [0, 0, 50, 0], [0, 0, 0, 1]]
     assert out.meta["section_axis_added"]
+    # the reader's record of the grid follows (MONAI Label restores and writes predictions from it)
+    assert out.meta["spatial_shape"].tolist() == [8, 6, 1]
+    assert out.meta["original_affine"].tolist() == out.affine.tolist()
     volume = _volume()
     assert AddSectionAxisd("image")({"image": volume})["image"] is volume
 

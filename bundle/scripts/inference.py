@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from monai.inferers import SlidingWindowInferer
+
+
+class FittedSlidingWindowInferer(SlidingWindowInferer):
+    """Sliding window whose window is cut to the volume along ``fit_axes`` instead of padding the volume.
+
+    MONAI pads a volume smaller than the window. Along an axis the network never pools (z for the 2D-3D network),
+    a window as deep as the volume is just as valid, and it spares the network sections of padding it never saw in
+    training: a single section stays a single section instead of one real section among four blank ones.
+
+    Args:
+        roi_size: window size (x, y, z).
+        fit_axes: spatial axes (0 = x, 1 = y, 2 = z) along which the window shrinks to the volume; ``[]`` for
+            networks that pool every axis (their windows must keep their divisible size).
+        kwargs: other ``SlidingWindowInferer`` arguments (``sw_batch_size``, ``overlap``, ``mode``, ``progress``...).
+    """
+
+    def __init__(self, roi_size: Sequence[int], fit_axes: Sequence[int] = (2,), **kwargs) -> None:
+        super().__init__(roi_size, **kwargs)
+        self.fit_axes = tuple(fit_axes)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        roi = list(self.roi_size)
+        for axis in self.fit_axes:
+            roi[axis] = min(roi[axis], inputs.shape[2 + axis])
+        if roi == list(self.roi_size):
+            return super().__call__(inputs, network, *args, **kwargs)
+        fitted = copy.copy(self)
+        fitted.roi_size, fitted.roi_weight_map = roi, None  # the cached weight map is the full window's
+        return SlidingWindowInferer.__call__(fitted, inputs, network, *args, **kwargs)
 
 
 class CentreWindowInferer(SlidingWindowInferer):

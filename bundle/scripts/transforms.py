@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -50,6 +51,9 @@ class AddSectionAxisd(MapTransform):
             affine[2, 2] = self.section_thickness
             meta["section_axis_added"] = True
             meta.pop("affine", None)
+            # the reader's record of the file's grid, which MONAI Label restores predictions to, becomes 3D too
+            meta["spatial_shape"] = np.asarray([*array.shape[1:], 1])
+            meta["original_affine"] = affine.numpy()
             d[key] = MetaTensor(torch.as_tensor(array).unsqueeze(-1), affine=affine, meta=meta)
         return d
 
