@@ -33,8 +33,6 @@ from typing import Any
 import itk
 import numpy as np
 import pytest
-import torch
-from monai.bundle import ConfigParser
 
 from conftest import BUNDLE, REPO, require_shared
 

@@ -19,23 +19,9 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform, Zoom
 
-__all__ = ["CoarseProbabilitiesd", "load_weights"]
+from scripts.io import load_weights
 
-
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
-    """Load a bundle checkpoint (the state dict ``CheckpointSaver`` writes, or ``{"model": state dict}``).
-
-    Raises:
-        FileNotFoundError: naming the checkpoint and how to produce it.
-    """
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"stage-1 checkpoint {checkpoint} not found: train stage 1 first "
-            "(configs/variants/cascade_stage1.json) or set --coarse_checkpoint"
-        )
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state))
-    return network
+__all__ = ["CoarseProbabilitiesd"]
 
 
 class CoarseProbabilitiesd(MapTransform):
@@ -76,7 +62,8 @@ class CoarseProbabilitiesd(MapTransform):
         if any(f < 1 for f in factor):
             raise ValueError(f"factor {list(factor)} must be >= 1 on every axis (a down-sampling)")
         self.device = torch.device(device) if device is not None else None
-        self.network = load_weights(network, checkpoint).eval()
+        hint = "train stage 1 first (configs/variants/cascade_stage1.json) or set --coarse_checkpoint"
+        self.network = load_weights(network, checkpoint, hint).eval()
         if self.device is not None:
             self.network.to(self.device)
         self.factor = [float(f) for f in factor]

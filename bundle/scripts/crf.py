@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from scripts.io import load_weights
+
 __all__ = ["BilateralMessage", "CRFRNN", "NetworkWithCRF"]
 
 
@@ -376,13 +378,8 @@ class NetworkWithCRF(nn.Module):
         Raises:
             FileNotFoundError: naming the checkpoint and how to produce it.
         """
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(
-                f"stage-1 checkpoint {checkpoint} not found: train the network alone first (configs/train.json) "
-                "or set --stage1_checkpoint"
-            )
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        self.network.load_state_dict(state.get("model", state))
+        hint = "train the network alone first (configs/train.json) or set --stage1_checkpoint"
+        load_weights(self.network, checkpoint, hint)
         return self
 
     def parameter_groups(

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from scripts.io import load_weights
+
 
 class EnsembleNetwork(nn.Module):
     """Combine several networks' class probabilities voxel by voxel.
@@ -50,10 +52,6 @@ def load_members(network_def: nn.Module, checkpoints: Sequence[str | os.PathLike
     """
     members = []
     for path in checkpoints:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ensemble checkpoint {path} not found (ensemble_checkpoints)")
-        state = torch.load(path, map_location=device, weights_only=True)
-        member = copy.deepcopy(network_def)
-        member.load_state_dict(state.get("model", state))
+        member = load_weights(copy.deepcopy(network_def), path, "listed in ensemble_checkpoints", map_location=device)
         members.append(member.to(device).eval())
     return members

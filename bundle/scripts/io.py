@@ -97,6 +97,27 @@ def load_class_schema(metadata_file: str | os.PathLike) -> dict:
     return {"names": names, "organelles": organelles}
 
 
+def load_weights(
+    network: torch.nn.Module, checkpoint: str | os.PathLike, missing_hint: str = "", map_location="cpu"
+) -> torch.nn.Module:
+    """Load a bundle checkpoint into ``network`` with ``torch.load(..., weights_only=True)``; returns ``network``.
+
+    Args:
+        network: the architecture the weights belong to (strict loading).
+        checkpoint: what ``CheckpointSaver`` writes (a state dict, or ``{"model": state dict}``).
+        missing_hint: how to produce the checkpoint, appended to the error when it is missing.
+        map_location: where the tensors are loaded.
+
+    Raises:
+        FileNotFoundError: naming the checkpoint (and the hint).
+    """
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found" + (f": {missing_hint}" if missing_hint else ""))
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    network.load_state_dict(state.get("model", state))
+    return network
+
+
 def output_path(
     source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str, suffix: str | None = None
 ) -> Path:
