@@ -373,13 +373,18 @@ class NetworkWithCRF(nn.Module):
 
     def load_network(self, checkpoint: Union[str, os.PathLike]) -> NetworkWithCRF:
         """Load stage-1 weights (``model.pt`` of ``train.json``: ``{"model": state dict}`` or a state dict) into
-        the wrapped network; returns ``self``.
+        the wrapped network, or a whole stack's checkpoint into the stack (fine-tuning a trained stack, as MONAI
+        Label does with a bundle's ``models/model.pt``); returns ``self``.
 
         Raises:
             FileNotFoundError: naming the checkpoint and how to produce it.
+            RuntimeError: if the weights fit neither the network nor the stack.
         """
         hint = "train the network alone first (configs/train.json) or set --stage1_checkpoint"
-        load_weights(self.network, checkpoint, hint)
+        try:
+            load_weights(self.network, checkpoint, hint)
+        except RuntimeError:  # not the network's keys: a stack checkpoint ("network.*", "crf.*"), or a mismatch
+            load_weights(self, checkpoint, hint)
         return self
 
     def parameter_groups(
