@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -142,8 +141,8 @@ def write_volume_atomically(array: torch.Tensor | np.ndarray, meta: Mapping, pat
     path = Path(path)
     suffix = volume_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
+    # the writer creates the temporary file itself, so it gets the umask's permissions (mkstemp's would be 0600)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}"))
     try:
         writer = NibabelWriter(output_dtype=dtype) if suffix in (".nii", ".nii.gz") else ITKWriter(output_dtype=dtype)
         data = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.as_tensor(array)

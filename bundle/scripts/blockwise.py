@@ -1,0 +1,536 @@
+"""Block-wise (out-of-core), resumable sliding-window inference for volumes of any size.
+
+MONAI's ``SlidingWindowInferer`` holds the whole input and a float32 map per class in memory. Here the volume is
+cut into block cores; for each core every window of the *global* window grid that intersects it is run, and the
+Gaussian-weighted logits falling inside the core are blended and normalised exactly as
+``SlidingWindowInferer(roi_size, overlap=overlap, mode="gaussian")`` blends them over the whole volume. Only the
+core's labels (and optionally its uncertainty) are written, to a Zarr group. Peak memory follows the block size,
+not the volume size. Windows straddling block borders run once for every core they touch: make blocks several
+windows wide (the log line at the start gives the resulting factor).
+
+Intensities are normalised as the in-memory pipeline's ``NormalizeIntensityd`` does (the whole volume to mean 0,
+std 1), with the statistics from a first streaming pass over the blocks.
+
+A block is finished once its chunks are written and its completion marker (a file renamed into
+``<output>.blocks/``) exists: a restart with the same settings skips finished blocks and recomputes any other from
+scratch; a restart with other settings (input, network weights, window, overlap, block size...) is refused.
+
+Unlike ``configs/inference.json``, which resamples every volume to ``target_spacing``, this path runs on the input's
+own grid: a volume whose spacing differs from ``target_spacing`` by more than 1 % is refused (resample it first, or
+set ``target_spacing`` to its spacing when the network suits it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.apps.utils import get_logger
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.handlers import CheckpointLoader
+from monai.inferers.utils import _get_scan_interval
+from monai.utils import ensure_tuple_rep
+from tqdm import tqdm
+
+from scripts.io import VOLUME_SUFFIXES, load_datalist, output_path
+from scripts.volumes import (
+    HDF5_SUFFIXES,
+    Box,
+    Volume,
+    ZarrLabelWriter,
+    open_volume,
+    split_container_path,
+    zarr_labels_to_file,
+)
+
+logger = get_logger(__name__)  # INFO to stdout, as MONAI's bundle scripts log: the resume report must be seen
+
+
+class WindowGrid:
+    """The window grid MONAI's ``sliding_window_inference`` lays over a whole volume, with its Gaussian weights.
+
+    Windows start where ``_get_scan_interval`` and ``dense_patch_slices`` put them on the volume padded evenly to at
+    least the window; MONAI's grid is the product of one list of starts per axis, kept here per axis (in the
+    unpadded volume's coordinates: negative along a padded axis) so that a teravoxel grid costs nothing.
+
+    Args:
+        shape: volume shape (x, y, z).
+        roi_size: window (x, y, z).
+        overlap: MONAI's overlap, one value or one per axis, in [0, 1).
+        fit_axes: axes along which the window is cut to the volume instead of padding the volume, as
+            ``scripts.inference.FittedSlidingWindowInferer`` does.
+        sigma_scale: Gaussian sigma as a fraction of the window (MONAI's default 0.125).
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        roi_size: Sequence[int],
+        overlap: float | Sequence[float] = 0.25,
+        fit_axes: Sequence[int] = (),
+        sigma_scale: float = 0.125,
+    ) -> None:
+        overlap = ensure_tuple_rep(overlap, 3)
+        if len(roi_size) != 3 or min(roi_size) < 1 or any(not 0 <= o < 1 for o in overlap):
+            raise ValueError(f"window {list(roi_size)} needs 3 positive sizes and overlap {overlap} values in [0, 1)")
+        roi = [int(r) for r in roi_size]
+        for axis in fit_axes:
+            roi[axis] = min(roi[axis], shape[axis])
+        padded = [max(s, r) for s, r in zip(shape, roi)]
+        scan_interval = _get_scan_interval(padded, roi, 3, overlap)
+        self.shape = tuple(int(s) for s in shape)
+        self.roi_size = tuple(roi)
+        self.axis_starts = [
+            np.asarray([w[0][0] for w in dense_patch_slices([p], [r], [i], return_slice=False)]) - (p - s) // 2
+            for p, r, i, s in zip(padded, roi, scan_interval, shape)
+        ]
+        self.importance = compute_importance_map(self.roi_size, mode="gaussian", sigma_scale=sigma_scale)
+
+    @property
+    def num_windows(self) -> int:
+        return math.prod(len(starts) for starts in self.axis_starts)
+
+    def axis_windows(self, axis: int, lo: int, hi: int) -> np.ndarray:
+        """Starts along ``axis`` of the windows that intersect ``[lo, hi)``."""
+        starts = self.axis_starts[axis]
+        return starts[(starts < hi) & (starts + self.roi_size[axis] > lo)]
+
+    def windows(self, box: Box) -> list[tuple[int, int, int]]:
+        """Starts (x, y, z) of the windows that intersect ``box``, in MONAI's order."""
+        per_axis = [self.axis_windows(axis, lo, hi) for axis, (lo, hi) in enumerate(box)]
+        return [tuple(int(s) for s in start) for start in itertools.product(*per_axis)]
+
+
+def block_boxes(shape: Sequence[int], block_size: Sequence[int]) -> list[list[list[int]]]:
+    """Boxes ``[[x0, x1], [y0, y1], [z0, z1]]`` tiling ``shape`` by ``block_size``, x fastest (z-slab by z-slab)."""
+    ranges = [[[lo, min(lo + b, s)] for lo in range(0, s, b)] for s, b in zip(shape, block_size)]
+    return [[x, y, z] for z, y, x in itertools.product(ranges[2], ranges[1], ranges[0])]
+
+
+def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bool = True) -> tuple[float, float]:
+    """Mean and (population) standard deviation of every voxel, streamed block by block in float64.
+
+    Blocks are merged with Chan et al.'s pairwise update, which keeps its precision where the mean is large
+    against the spread. A volume with NaN, infinite or constant intensities is refused, as
+    ``scripts.transforms.ValidateVolumed`` refuses it.
+
+    Args:
+        volume: the volume.
+        block_size: block shape (x, y, z) read at a time.
+        progress: show a progress bar.
+    """
+    count, mean, squares = 0, 0.0, 0.0
+    for box in tqdm(block_boxes(volume.shape, block_size), desc="intensity statistics", disable=not progress):
+        block = volume.read(box).astype(np.float64)
+        block_mean = float(block.mean())
+        block_squares = float(np.square(block - block_mean).sum())
+        total = count + block.size
+        delta = block_mean - mean
+        mean += delta * block.size / total
+        squares += block_squares + delta * delta * count * block.size / total
+        count = total
+    std = math.sqrt(squares / count)
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        raise ValueError(f"{volume.path}: the image contains NaN or infinite values")
+    if std == 0:
+        raise ValueError(f"{volume.path}: the image is constant ({mean}); it cannot be normalised to mean 0, std 1")
+    return mean, std
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation by flips: the mean softmax over every combination of flips along ``axes``.
+
+    Each flipped window's prediction is flipped back before averaging. Returns log-probabilities, like
+    ``scripts.ensembles.EnsembleNetwork``, so the two compose either way round and the bundle's softmax yields the
+    averaged probabilities.
+
+    Args:
+        network: maps windows ``(B, C, X, Y, Z)`` to class logits (or log-probabilities).
+        axes: spatial axes to flip (0 = x, 1 = y, 2 = z); ``2 ** len(axes)`` passes per window.
+    """
+
+    def __init__(self, network: nn.Module, axes: Sequence[int]) -> None:
+        super().__init__()
+        axes = tuple(int(a) for a in axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"tta_axes {list(axes)} must be distinct spatial axes among 0 (x), 1 (y), 2 (z)")
+        self.network = network
+        self.axes = axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flips = [combo for n in range(len(self.axes) + 1) for combo in itertools.combinations(self.axes, n)]
+        probabilities = 0
+        for flip in flips:
+            dims = [2 + axis for axis in flip]
+            logits = self.network(torch.flip(x, dims)).float()
+            probabilities = probabilities + torch.flip(torch.softmax(logits, dim=1), dims)
+        return torch.log((probabilities / len(flips)).clamp_min(1e-12))
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}"
+
+
+def network_fingerprint(network: nn.Module) -> str:
+    """SHA-256 of the network's structure (``repr``) and weights: what identifies the checkpoint(s) behind it."""
+    digest = hashlib.sha256(repr(network).encode())
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class BlockMarkers:
+    """Completion markers of finished blocks: one small file per block, written under a temporary name and renamed.
+
+    Args:
+        directory: where the markers live (beside the Zarr group, which would take them for foreign nodes).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+
+    def path(self, box: Box) -> Path:
+        (x0, _), (y0, _), (z0, _) = box
+        return self.directory / f"x{x0}_y{y0}_z{z0}.done"
+
+    def is_done(self, box: Box) -> bool:
+        return self.path(box).is_file()
+
+    def mark_done(self, box: Box) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(box)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps({"box": [list(map(int, b)) for b in box]}))
+        os.replace(tmp, path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class BlockwiseResult:
+    """What one block-wise run did: its Zarr group, blocks computed now and blocks found finished."""
+
+    zarr_path: Path
+    computed: int
+    skipped: int
+
+
+class BlockwiseInference:
+    """Sliding-window inference block by block, equal to MONAI's Gaussian-blended sliding window on the whole volume.
+
+    Args:
+        network: maps windows ``(B, C, X, Y, Z)`` to class logits; put in eval mode and on ``device``.
+        roi_size: window (x, y, z).
+        overlap: MONAI's window overlap.
+        block_size: block core (x, y, z): the unit of writing, resuming and memory use.
+        sw_batch_size: windows per forward pass.
+        device: where the network runs (windows go there, results come back to the CPU); default: the device of
+            the network's parameters.
+        fit_axes: axes along which the window is cut to the volume instead of padding it (inference.json's
+            ``window_fit_axes``); ``()`` pads like ``SlidingWindowInferer``.
+        bf16: run the network under ``torch.autocast(dtype=torch.bfloat16)`` (CPU or CUDA).
+        save_uncertainty: also store the per-voxel entropy (nats) of the blended class probabilities, float16.
+        sigma_scale: Gaussian sigma as a fraction of the window.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        roi_size: Sequence[int],
+        overlap: float | Sequence[float] = 0.25,
+        block_size: Sequence[int] = (1024, 1024, 32),
+        sw_batch_size: int = 1,
+        device: str | torch.device | None = None,
+        fit_axes: Sequence[int] = (),
+        bf16: bool = False,
+        save_uncertainty: bool = False,
+        sigma_scale: float = 0.125,
+        progress: bool = True,
+    ) -> None:
+        if len(block_size) != 3 or min(block_size) < 1:
+            raise ValueError(f"block_size {list(block_size)} needs 3 positive sizes (x, y, z)")
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if device is None:
+            device = next(network.parameters(), torch.empty(0)).device
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.roi_size = [int(r) for r in roi_size]
+        self.overlap = list(ensure_tuple_rep(overlap, 3))
+        self.block_size = [int(b) for b in block_size]
+        self.sw_batch_size = int(sw_batch_size)
+        self.fit_axes = [int(a) for a in fit_axes]
+        self.bf16 = bool(bf16)
+        self.save_uncertainty = bool(save_uncertainty)
+        self.sigma_scale = float(sigma_scale)
+        self.progress = progress
+
+    def grid(self, volume: Volume) -> WindowGrid:
+        """The global window grid of ``volume``."""
+        return WindowGrid(volume.shape, self.roi_size, self.overlap, self.fit_axes, self.sigma_scale)
+
+    def settings(self, volume: Volume) -> dict:
+        """What a run's result depends on; a restart must match it."""
+        return {
+            "input": os.path.abspath(volume.path),
+            "shape": list(volume.shape),
+            "dtype": str(volume.dtype),
+            "spacing": list(volume.spacing) if volume.spacing is not None else None,
+            "network": {"class": type(self.network).__name__, "sha256": network_fingerprint(self.network)},
+            "roi_size": self.roi_size,
+            "overlap": self.overlap,
+            "block_size": self.block_size,
+            "fit_axes": self.fit_axes,
+            "sigma_scale": self.sigma_scale,
+            "bf16": self.bf16,
+            "uncertainty": self.save_uncertainty,
+        }
+
+    @torch.inference_mode()
+    def predict_block(self, volume: Volume, grid: WindowGrid, core: Box, mean: float, std: float) -> torch.Tensor:
+        """Blended logits ``(C, *core shape)`` of one block core, on ``device``.
+
+        Args:
+            volume: the volume.
+            grid: its global window grid.
+            core: the block core ``[[x0, x1], [y0, y1], [z0, z1]]``.
+            mean: intensity mean of the whole volume.
+            std: intensity standard deviation of the whole volume.
+        """
+        windows = grid.windows(core)
+        roi = grid.roi_size
+        lo = [min(s[a] for s in windows) for a in range(3)]
+        hi = [max(s[a] for s in windows) + roi[a] for a in range(3)]
+        # the windows' union, padded with 0 (the normalised mean) where it leaves the volume, as MONAI pads
+        image = torch.zeros((1, 1, *(h - low for low, h in zip(lo, hi))))
+        read_box = [[max(low, 0), min(h, s)] for low, h, s in zip(lo, hi, volume.shape)]
+        inside = tuple(slice(r0 - low, r1 - low) for (r0, r1), low in zip(read_box, lo))
+        image[(0, 0, *inside)] = (torch.from_numpy(volume.read(read_box).astype(np.float32)) - mean) / std
+        core_shape = [c1 - c0 for c0, c1 in core]
+        importance = grid.importance.to(self.device)
+        blended, weight = None, torch.zeros(core_shape, device=self.device)
+        for first in range(0, len(windows), self.sw_batch_size):
+            batch = windows[first : first + self.sw_batch_size]
+            inputs = torch.cat(
+                [
+                    image[(slice(None), slice(None), *(slice(s - low, s - low + r) for s, low, r in zip(w, lo, roi)))]
+                    for w in batch
+                ]
+            ).to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.network(inputs)
+            if tuple(logits.shape[2:]) != tuple(roi):
+                raise ValueError(
+                    f"the network maps windows {tuple(roi)} to {tuple(logits.shape[2:])}; expected the same"
+                )
+            if blended is None:
+                blended = torch.zeros((logits.shape[1], *core_shape), device=self.device)
+            # only the part of each window inside the core is kept: the core's voxels see every window covering them
+            for start, window_logits in zip(batch, logits.float() * importance):
+                in_window, in_core = [], []
+                for s, r, (c0, c1) in zip(start, roi, core):
+                    o0, o1 = max(s, c0), min(s + r, c1)
+                    in_window.append(slice(o0 - s, o1 - s))
+                    in_core.append(slice(o0 - c0, o1 - c0))
+                blended[(slice(None), *in_core)] += window_logits[(slice(None), *in_window)]
+                weight[tuple(in_core)] += importance[tuple(in_window)]
+        return blended / weight
+
+    def __call__(self, volume: Volume, output: str | os.PathLike) -> BlockwiseResult:
+        """Segment ``volume`` into the Zarr group ``output``, resuming a run of the same settings found there.
+
+        Args:
+            volume: the input.
+            output: the Zarr group's directory, e.g. ``eval/vol_seg.zarr``.
+        """
+        output = Path(output)
+        markers = BlockMarkers(output.with_name(output.name + ".blocks"))
+        settings = self.settings(volume)
+        blocks = block_boxes(volume.shape, self.block_size)
+        grid = self.grid(volume)
+        if output.exists():
+            writer = self._resume(output, settings)
+            mean, std = writer.attributes["intensity"]["mean"], writer.attributes["intensity"]["std"]
+        else:
+            markers.clear()  # markers of an earlier result deleted since
+            mean, std = intensity_statistics(volume, self.block_size, self.progress)
+            writer = ZarrLabelWriter.create(
+                output,
+                volume.shape,
+                self.block_size,
+                volume.spacing,
+                {"blockwise": settings, "intensity": {"mean": mean, "std": std}},
+                uncertainty=self.save_uncertainty,
+            )
+        runs = math.prod(
+            sum(len(grid.axis_windows(a, lo, hi)) for lo, hi in {tuple(box[a]) for box in blocks}) for a in range(3)
+        )
+        logger.info(
+            "%s: %d blocks, %d window passes for the %d windows of the grid (x%.2f)",
+            volume.path,
+            len(blocks),
+            runs,
+            grid.num_windows,
+            runs / grid.num_windows,
+        )
+        pending = [box for box in blocks if not markers.is_done(box)]
+        if len(pending) < len(blocks):
+            logger.info(
+                "%s: resuming, %d of %d blocks already finished", output, len(blocks) - len(pending), len(blocks)
+            )
+        for box in tqdm(pending, desc=f"blocks of {Path(volume.path).name}", disable=not self.progress):
+            logits = self.predict_block(volume, grid, box, mean, std)
+            if logits.shape[0] > 256:
+                raise ValueError(f"{logits.shape[0]} classes do not fit the uint8 label volume")
+            uncertainty = None
+            if self.save_uncertainty:
+                uncertainty = torch.special.entr(torch.softmax(logits, dim=0)).sum(0).cpu().numpy()
+            writer.write(box, logits.argmax(0).to(torch.uint8).cpu().numpy(), uncertainty)
+            markers.mark_done(box)
+        return BlockwiseResult(output, computed=len(pending), skipped=len(blocks) - len(pending))
+
+    def _resume(self, output: Path, settings: dict) -> ZarrLabelWriter:
+        """The existing group ``output``, if a run of the same ``settings`` wrote it."""
+        try:
+            writer = ZarrLabelWriter(output)
+            stored = writer.attributes["blockwise"]
+        except Exception as error:
+            raise ValueError(f"{output} exists and is not a block-wise result ({error}): remove it") from None
+        current = json.loads(json.dumps(settings))
+        differences = {k: (stored.get(k), current[k]) for k in current if stored.get(k) != current[k]}
+        if differences:
+            lines = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differences.items())
+            raise ValueError(
+                f"{output} was started with other settings ({lines}): rerun with the same settings to resume, "
+                "or remove it (and its .blocks folder) or choose another output_dir to start afresh"
+            )
+        return writer
+
+
+def prepare_network(network: nn.Module, handlers: Sequence, tta_axes: Sequence[int] = ()) -> nn.Module:
+    """The network of the in-memory evaluator, weights loaded, in eval mode, wrapped in ``FlipTTA`` if asked.
+
+    Weights are those inference.json's evaluator would load: every ``CheckpointLoader`` among its ``handlers``
+    (``ckpt_path`` into ``network``), read with ``torch.load(weights_only=True)``, a ``{"model": state_dict}`` or a
+    bare state dict. ``configs/ensemble.json`` drops that handler, its members having loaded their own weights.
+
+    Args:
+        network: the config's ``network``.
+        handlers: the config's ``handlers``.
+        tta_axes: flip axes of test-time augmentation; ``[]`` for none.
+    """
+    for handler in handlers:
+        if isinstance(handler, CheckpointLoader):
+            if not os.path.isfile(handler.load_path):
+                raise FileNotFoundError(f"checkpoint {handler.load_path} (ckpt_path) not found")
+            state = torch.load(handler.load_path, map_location=handler.map_location, weights_only=True)
+            for key, module in handler.load_dict.items():
+                module.load_state_dict(state[key] if key in state else state)
+    network.eval()
+    return FlipTTA(network, tta_axes) if tta_axes else network
+
+
+def open_datalist_volumes(
+    datalist: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    key: str = "testing",
+    input_spacing: Sequence[float] | None = None,
+    target_spacing: Sequence[float] | None = None,
+) -> list[Volume]:
+    """Open every datalist item's ``image`` lazily and check its voxel size, before any long work.
+
+    Images may be any ``scripts.volumes.open_volume`` path (a Zarr directory, ``file.h5:/dataset``). The spacing
+    is the item's ``spacing``, else ``input_spacing``, else the file's; it must be known and within 1 % of
+    ``target_spacing`` along every axis longer than one voxel, since nothing is resampled here.
+
+    Args:
+        datalist: the datalist JSON.
+        dataset_dir: base directory of its relative paths.
+        key: the datalist section.
+        input_spacing: voxel size (x, y, z) of files that lack one.
+        target_spacing: the network's voxel size (x, y, z).
+    """
+    items = load_datalist(datalist, dataset_dir, key=key, file_keys=())
+    volumes = []
+    for index, item in enumerate(items):
+        if "image" not in item:
+            raise KeyError(f"datalist {datalist}: item {index} of '{key}' has no 'image' entry")
+        volume = open_volume(item["image"], item.get("spacing", input_spacing))
+        if volume.spacing is None:
+            raise ValueError(
+                f"{volume.path}: its voxel size is unknown; give the datalist item a 'spacing' or set input_spacing"
+            )
+        if target_spacing is not None and any(
+            size > 1 and abs(s - t) > 0.01 * t for s, t, size in zip(volume.spacing, target_spacing, volume.shape)
+        ):
+            raise ValueError(
+                f"{volume.path}: spacing {list(volume.spacing)} differs from target_spacing {list(target_spacing)} "
+                "by more than 1 %; block-wise inference runs on the input's grid: resample the volume to "
+                f"target_spacing first, or set target_spacing to {list(volume.spacing)} if the network suits it"
+            )
+        volumes.append(volume)
+    return volumes
+
+
+def output_stem(volume_path: str) -> str:
+    """Name of a volume's outputs: the file name without its suffix, plus the array's path inside a container."""
+    file, key = split_container_path(volume_path)
+    name = Path(file).name
+    for suffix in (".zarr", *HDF5_SUFFIXES, *sorted(VOLUME_SUFFIXES, key=len, reverse=True)):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    parts = [name, *(key or "").strip("/").split("/")]
+    return "_".join(p for p in parts if p)
+
+
+def segment_volumes(
+    inference: BlockwiseInference,
+    volumes: Sequence[Volume],
+    output_dir: str | os.PathLike,
+    output_format: str = "zarr",
+    image_features: Sequence = (),
+) -> list[BlockwiseResult]:
+    """Segment each volume into ``output_dir/<name>_seg.zarr``, then into the input's own format if asked.
+
+    With ``output_format="input"``, a finished TIFF, NIfTI, NRRD or MHA input also gets ``<name>_seg<suffix>`` (as
+    the in-memory pipeline names it), written through a temporary name once every block is finished, when the
+    label volume fits in memory (else a warning says the Zarr group is the result). Zarr and HDF5 inputs keep
+    the Zarr result.
+
+    Args:
+        inference: the block-wise inference.
+        volumes: the inputs, e.g. from ``open_datalist_volumes``.
+        output_dir: destination directory.
+        output_format: ``"zarr"`` or ``"input"``.
+        image_features: the config's ``image_features``; block-wise inference feeds the image alone.
+    """
+    if output_format not in ("zarr", "input"):
+        raise ValueError(f"output_format must be 'zarr' or 'input', got {output_format!r}")
+    if image_features:
+        raise ValueError("block-wise inference feeds the network the image alone: image_features must be []")
+    results = []
+    for volume in volumes:
+        stem = output_stem(volume.path)
+        result = inference(volume, Path(output_dir) / f"{stem}_seg.zarr")
+        results.append(result)
+        file, key = split_container_path(volume.path)
+        if output_format != "input" or key is not None or os.path.isdir(file):
+            continue
+        target = output_path(file, output_dir, "seg")
+        logger.info("%s: writing %s", result.zarr_path, target)
+        if zarr_labels_to_file(result.zarr_path, volume, target) is None:
+            logger.warning("%s does not fit in memory as %s: the Zarr group is the result", result.zarr_path, target)
+    return results

@@ -1,0 +1,313 @@
+"""Block-wise, resumable inference (scripts.blockwise): equal to MONAI's sliding window, resumable, refusing to mix."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from monai.bundle import ConfigParser
+from monai.handlers import CheckpointLoader
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import NormalizeIntensity
+
+from bundle_cli import bundle_run
+from conftest import BUNDLE, require_shared
+from scripts.blockwise import (
+    BlockwiseInference,
+    FlipTTA,
+    block_boxes,
+    intensity_statistics,
+    open_datalist_volumes,
+    prepare_network,
+)
+from scripts.ensembles import EnsembleNetwork
+from scripts.inference import FittedSlidingWindowInferer
+from scripts.networks import HybridUNet2D3D
+from scripts.volumes import ArrayVolume, open_volume
+
+
+def tiny_network(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return HybridUNet2D3D(out_channels=2, features=4).eval()
+
+
+def synthetic_volume(shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, shape).astype(np.uint8)
+
+
+def blockwise_logits(inference: BlockwiseInference, volume) -> torch.Tensor:
+    mean, std = intensity_statistics(volume, inference.block_size, progress=False)
+    grid = inference.grid(volume)
+    logits = None
+    for box in block_boxes(volume.shape, inference.block_size):
+        block = inference.predict_block(volume, grid, box, mean, std)
+        if logits is None:
+            logits = torch.zeros((block.shape[0], *volume.shape))
+        logits[(slice(None), *(slice(lo, hi) for lo, hi in box))] = block
+    return logits
+
+
+def reference_logits(network, array: np.ndarray, inferer) -> torch.Tensor:
+    """The in-memory pipeline: NormalizeIntensity over the whole volume, then MONAI's sliding window."""
+    image = NormalizeIntensity()(torch.from_numpy(array.astype(np.float32))[None])[None]
+    with torch.inference_mode():
+        return inferer(image, network)[0]
+
+
+def assert_same_labels(labels: np.ndarray, logits: torch.Tensor) -> None:
+    """Labels equal the argmax of ``logits`` wherever the two best classes are not tied up to float rounding."""
+    top2 = torch.topk(logits, 2, dim=0).values
+    clear = (top2[0] - top2[1] > 1e-4).numpy()
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], logits.argmax(0).numpy()[clear])
+
+
+@pytest.mark.parametrize(
+    "roi, block, batch, fit_axes",
+    [((32, 32, 8), (24, 24, 3), 1, ()), ((32, 32, 8), (40, 16, 2), 3, (2,))],
+    ids=["padded-z", "fitted-z"],
+)
+def test_matches_sliding_window_on_synthetic_volume(roi, block, batch, fit_axes, tmp_path):
+    # z (5) is smaller than the window (8): padded like MONAI, or the window cut to the volume (fit_axes)
+    array = synthetic_volume((70, 50, 5))
+    network = tiny_network()
+    inference = BlockwiseInference(network, roi, 0.25, block, batch, fit_axes=fit_axes, save_uncertainty=True)
+    if fit_axes:
+        inferer = FittedSlidingWindowInferer(roi, fit_axes, sw_batch_size=batch, overlap=0.25, mode="gaussian")
+    else:
+        inferer = SlidingWindowInferer(roi, sw_batch_size=batch, overlap=0.25, mode="gaussian")
+    expected = reference_logits(network, array, inferer)
+    volume = ArrayVolume(array, spacing=(1, 1, 1))
+    torch.testing.assert_close(blockwise_logits(inference, volume), expected, atol=1e-5, rtol=1e-5)
+
+    result = inference(volume, tmp_path / "v_seg.zarr")
+    assert result.computed == len(block_boxes(array.shape, block)) > 4 and result.skipped == 0
+    assert_same_labels(open_volume(tmp_path / "v_seg.zarr").read([[0, 70], [0, 50], [0, 5]]), expected)
+    entropy = torch.special.entr(torch.softmax(expected, 0)).sum(0).numpy()
+    uncertainty = open_volume(f"{tmp_path / 'v_seg.zarr'}:/uncertainty").read([[0, 70], [0, 50], [0, 5]])
+    np.testing.assert_allclose(uncertainty.astype(np.float32), entropy, atol=2e-3)
+
+
+def test_matches_sliding_window_on_isbi_crop():
+    (path,) = require_shared("isbi2012/images.tif")
+    with open_volume(path) as isbi:
+        array = isbi.read([[100, 260], [200, 360], [10, 15]])  # 160 x 160 x 5, shallower than the window
+    network = tiny_network(1)
+    roi = (64, 64, 8)
+    inference = BlockwiseInference(network, roi, 0.25, (64, 48, 3))
+    expected = reference_logits(network, array, SlidingWindowInferer(roi, overlap=0.25, mode="gaussian"))
+    actual = blockwise_logits(inference, ArrayVolume(array))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    array = synthetic_volume((32, 32, 4))
+    network = tiny_network()
+    fp32 = blockwise_logits(BlockwiseInference(network, (32, 32, 4), block_size=(16, 32, 4)), ArrayVolume(array))
+    bf16 = blockwise_logits(
+        BlockwiseInference(network, (32, 32, 4), block_size=(16, 32, 4), bf16=True), ArrayVolume(array)
+    )
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=0.05 * float(fp32.abs().max()), rtol=0)
+
+
+CHILD = r"""
+import json, logging, sys, time
+sys.path.insert(0, sys.argv[4])
+import torch
+from scripts.blockwise import BlockwiseInference
+from scripts.networks import HybridUNet2D3D
+from scripts.volumes import open_volume
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+source, output, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
+torch.manual_seed(0)
+network = HybridUNet2D3D(out_channels=2, features=4)
+inference = BlockwiseInference(network, [32, 32, 4], 0.25, [32, 32, 4], progress=False)
+if slow:  # leaves time to be killed between blocks
+    predict = inference.predict_block
+    inference.predict_block = lambda *args: (time.sleep(0.5), predict(*args))[1]
+result = inference(open_volume(source), output)
+print(json.dumps({"computed": result.computed, "skipped": result.skipped}))
+"""
+
+
+def test_resumes_after_sigkill(tmp_path):
+    array = synthetic_volume((96, 64, 8))
+    zarr.save_array(tmp_path / "in.zarr", np.ascontiguousarray(array.transpose(2, 1, 0)))
+    source, output = str(tmp_path / "in.zarr"), tmp_path / "out" / "in_seg.zarr"
+    blocks = len(block_boxes(array.shape, (32, 32, 4)))
+    markers = tmp_path / "out" / "in_seg.zarr.blocks"
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD, source, str(output), "slow", str(BUNDLE)])
+    deadline = time.monotonic() + 120
+    while not list(markers.glob("*.done")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    finished = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.done")}
+    assert 1 <= len(finished) < blocks
+
+    rerun = subprocess.run(
+        [sys.executable, "-c", CHILD, source, str(output), "fast", str(BUNDLE)], capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming, {len(finished)} of {blocks} blocks already finished" in rerun.stdout + rerun.stderr
+    assert json.loads(rerun.stdout.splitlines()[-1]) == {"computed": blocks - len(finished), "skipped": len(finished)}
+    assert {p.name: p.stat().st_mtime_ns for p in markers.glob("*.done") if p.name in finished} == finished
+
+    uninterrupted = BlockwiseInference(tiny_network(0), [32, 32, 4], 0.25, [32, 32, 4], progress=False)
+    uninterrupted(open_volume(source), tmp_path / "reference_seg.zarr")
+    np.testing.assert_array_equal(
+        zarr.open_array(output / "labels", mode="r")[...],
+        zarr.open_array(tmp_path / "reference_seg.zarr" / "labels", mode="r")[...],
+    )
+
+
+def test_restart_recomputes_unmarked_blocks_and_refuses_other_settings(tmp_path):
+    zarr.save_array(tmp_path / "in.zarr", synthetic_volume((4, 32, 48)))
+    volume, output = open_volume(tmp_path / "in.zarr"), tmp_path / "in_seg.zarr"
+    inference = BlockwiseInference(tiny_network(), (32, 32, 4), 0.25, (24, 32, 4), progress=False)
+    assert inference(volume, output).computed == 2
+    labels = zarr.open_array(output / "labels", mode="r+")
+    expected = labels[...]
+    labels[:, :, :24] = 9  # a block whose marker never came: rewritten from scratch
+    (output.parent / "in_seg.zarr.blocks" / "x0_y0_z0.done").unlink()
+    result = inference(volume, output)
+    assert (result.computed, result.skipped) == (1, 1)
+    np.testing.assert_array_equal(labels[...], expected)
+
+    with pytest.raises(ValueError, match=r"in_seg\.zarr was started with other settings \(overlap: \[0\.25"):
+        BlockwiseInference(tiny_network(), (32, 32, 4), 0.5, (24, 32, 4), progress=False)(volume, output)
+    with pytest.raises(ValueError, match=r"other settings \(network: "):
+        BlockwiseInference(tiny_network(1), (32, 32, 4), 0.25, (24, 32, 4), progress=False)(volume, output)
+    with pytest.raises(ValueError, match=r"other settings \(block_size: "):
+        BlockwiseInference(tiny_network(), (32, 32, 4), 0.25, (32, 32, 4), progress=False)(volume, output)
+    (tmp_path / "foreign.zarr").mkdir()
+    with pytest.raises(ValueError, match=r"foreign\.zarr exists and is not a block-wise result"):
+        inference(volume, tmp_path / "foreign.zarr")
+
+
+class _Pointwise(torch.nn.Module):
+    """Flip-equivariant: logits are a function of each voxel alone."""
+
+    def forward(self, x):
+        return torch.cat([x, -2 * x], dim=1)
+
+
+class _Shifted(torch.nn.Module):
+    """Not flip-equivariant: each voxel's logits come from its neighbour along x."""
+
+    def forward(self, x):
+        return torch.cat([x.roll(1, dims=2), torch.zeros_like(x)], dim=1)
+
+
+def test_flip_tta():
+    x = torch.randn(2, 1, 16, 8, 3)
+    network = tiny_network()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.softmax(FlipTTA(network, ())(x), 1), torch.softmax(network(x), 1))
+        torch.testing.assert_close(FlipTTA(_Pointwise(), (0, 1, 2))(x), torch.log_softmax(_Pointwise()(x), 1))
+        shifted = _Shifted()
+        flips = [[], [2], [4], [2, 4]]  # every combination of x and z
+        expected = sum(torch.flip(torch.softmax(shifted(torch.flip(x, f)), 1), f) for f in flips) / 4
+        torch.testing.assert_close(FlipTTA(shifted, (0, 2))(x), torch.log(expected))
+        assert not torch.allclose(FlipTTA(shifted, (0, 2))(x), torch.log_softmax(shifted(x), 1))
+    with pytest.raises(ValueError, match="tta_axes"):
+        FlipTTA(network, (3,))
+
+
+def test_flip_tta_composes_with_ensembles():
+    x = torch.randn(1, 1, 16, 16, 3)
+    a, b = tiny_network(0), tiny_network(1)
+    with torch.inference_mode():
+        tta_of_ensemble = FlipTTA(EnsembleNetwork([a, b]), (0, 1))(x)
+        ensemble_of_tta = EnsembleNetwork([FlipTTA(a, (0, 1)), FlipTTA(b, (0, 1))])(x)
+        flips = [[], [2], [3], [2, 3]]
+        expected = sum(torch.flip(torch.softmax(n(torch.flip(x, f)), 1), f) for n in (a, b) for f in flips) / 8
+    torch.testing.assert_close(tta_of_ensemble, torch.log(expected))
+    torch.testing.assert_close(ensemble_of_tta, torch.log(expected))
+
+
+def test_datalist_volumes_check_spacing(tmp_path):
+    zarr.save_array(tmp_path / "a.zarr", synthetic_volume((4, 32, 48)))
+    tifffile.imwrite(tmp_path / "b.tif", synthetic_volume((4, 32, 48)))
+    datalist = tmp_path / "datalist.json"
+    items = [{"image": "a.zarr", "spacing": [4, 4, 50]}, {"image": "b.tif"}]
+    datalist.write_text(json.dumps({"testing": items}))
+    volumes = open_datalist_volumes(datalist, tmp_path, input_spacing=[4.02, 4, 50], target_spacing=[4, 4, 50])
+    assert [v.shape for v in volumes] == [(48, 32, 4)] * 2 and volumes[1].spacing == (4.02, 4, 50)
+    with pytest.raises(ValueError, match=r"b\.tif: its voxel size is unknown"):
+        open_datalist_volumes(datalist, tmp_path, target_spacing=[4, 4, 50])
+    with pytest.raises(ValueError, match=r"a\.zarr: spacing \[4\.0, 4\.0, 50\.0\] differs from target_spacing"):
+        open_datalist_volumes(datalist, tmp_path, target_spacing=[10, 10, 50])
+
+
+def _save_tiny_checkpoint(path, seed=0, wrap=True):
+    state = tiny_network(seed).state_dict()
+    torch.save({"model": state} if wrap else state, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("ensemble_last", [True, False])
+def test_config_network_composes_with_ensemble_and_tta(ensemble_last, tmp_path):
+    files = ["configs/inference.json", "configs/large_volume.json", "configs/ensemble.json"]
+    if not ensemble_last:
+        files[1:] = files[:0:-1]
+    members = [_save_tiny_checkpoint(tmp_path / "a.pt", 0), _save_tiny_checkpoint(tmp_path / "b.pt", 1, wrap=False)]
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / f) for f in files])
+    overrides = {"bundle_root": str(BUNDLE), "network_def#features": 4, "class_names": ["a", "b"], "tta_axes": [0, 1]}
+    parser.update({**overrides, "ensemble_checkpoints": members, "device": torch.device("cpu")})
+    network = parser.get_parsed_content("blockwise_network")
+    assert isinstance(network, FlipTTA) and isinstance(network.network, EnsembleNetwork)
+    x = torch.randn(1, 1, 16, 16, 2)
+    with torch.inference_mode():
+        expected = FlipTTA(EnsembleNetwork([tiny_network(0), tiny_network(1)]), (0, 1))(x)
+        torch.testing.assert_close(network(x), expected)
+
+
+def test_prepare_network_loads_ckpt_path(tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs/inference.json"), str(BUNDLE / "configs/large_volume.json")])
+    parser.update({"bundle_root": str(BUNDLE), "network_def#features": 4, "class_names": ["a", "b"]})
+    parser.update({"ckpt_path": _save_tiny_checkpoint(tmp_path / "m.pt", 3), "device": torch.device("cpu")})
+    network = parser.get_parsed_content("blockwise_network")
+    assert not network.training
+    torch.testing.assert_close(network.state_dict(), tiny_network(3).state_dict())
+
+    bare = tiny_network(0)
+    loader = CheckpointLoader(
+        load_path=_save_tiny_checkpoint(tmp_path / "bare.pt", 4, wrap=False), load_dict={"model": bare}
+    )
+    assert isinstance(prepare_network(bare, [loader], tta_axes=[2]), FlipTTA)
+    torch.testing.assert_close(bare.state_dict(), tiny_network(4).state_dict())
+    loader.load_path = str(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt \(ckpt_path\) not found"):
+        prepare_network(bare, [loader])
+
+
+def test_cli_on_isbi_writes_zarr_and_tiff(tmp_path):
+    (images,) = require_shared("isbi2012/images.tif")
+    overrides = {
+        "datalist": "$@bundle_root + '/configs/datalists/isbi2012.json'",
+        "class_names": ["cell interior", "membrane"],
+        "target_spacing": [4.0, 4.0, 50.0],
+        "network_def#features": 4,
+        "ckpt_path": _save_tiny_checkpoint(tmp_path / "model.pt"),
+        "output_dir": str(tmp_path / "out"),
+        "block_size": [512, 512, 10],
+        "output_format": "input",
+    }
+    bundle_run("inference", ["configs/inference.json", "configs/large_volume.json"], overrides)
+    labels = tifffile.imread(tmp_path / "out" / "images_seg.tif")
+    assert labels.shape == tifffile.TiffFile(images).series[0].shape == (20, 512, 512)
+    assert set(np.unique(labels)) <= {0, 1}
+    stored = zarr.open_array(tmp_path / "out" / "images_seg.zarr" / "labels", mode="r")
+    np.testing.assert_array_equal(stored[...], labels)
+    assert len(list((tmp_path / "out" / "images_seg.zarr.blocks").glob("*.done"))) == 2
