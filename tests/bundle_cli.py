@@ -21,9 +21,23 @@ TINY = {
 SMALL = {**TINY, "network_def#features": 16, "windows_per_volume": 20, "val_interval": 50, "learning_rate": 3e-3}
 
 
-def bundle_run(run_id: str, config_files: list[str], overrides: dict, check: bool = True, timeout: int = 600):
-    """Run ``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` and return the result."""
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(config_files)]
+# two processes on one machine, as `torchrun --standalone --nproc_per_node=2` starts them (gloo on a CPU)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def bundle_run(
+    run_id: str,
+    config_files: list[str],
+    overrides: dict,
+    check: bool = True,
+    timeout: int = 600,
+    launcher: list[str] | None = None,
+):
+    """Run ``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` and return the result.
+
+    ``launcher`` replaces ``python`` (e.g. ``TORCHRUN_2``)."""
+    command = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", run_id]
+    command += ["--config_file", json.dumps(config_files)]
     for key, value in overrides.items():
         command += [
             f"--{key}",

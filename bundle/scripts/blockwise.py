@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from monai.apps.utils import get_logger
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -351,6 +352,9 @@ class BlockwiseInference:
     def __call__(self, volume: Volume, output: str | os.PathLike) -> BlockwiseResult:
         """Segment ``volume`` into the Zarr group ``output``, resuming a run of the same settings found there.
 
+        Under ``torch.distributed`` (``torchrun``), rank 0 creates the group and the pending blocks are shared out
+        over the ranks; each block is computed exactly as in one process, so the result is the same.
+
         Args:
             volume: the input.
             output: the Zarr group's directory, e.g. ``eval/vol_seg.zarr``.
@@ -360,13 +364,11 @@ class BlockwiseInference:
         settings = self.settings(volume)
         blocks = block_boxes(volume.shape, self.block_size)
         grid = self.grid(volume)
-        if output.exists():
-            writer = self._resume(output, settings)
-            mean, std = writer.attributes["intensity"]["mean"], writer.attributes["intensity"]["std"]
-        else:
+        rank, world = rank_and_world()
+        if rank == 0 and not output.exists():
             markers.clear()  # markers of an earlier result deleted since
             mean, std = intensity_statistics(volume, self.block_size, self.progress)
-            writer = ZarrLabelWriter.create(
+            ZarrLabelWriter.create(
                 output,
                 volume.shape,
                 self.block_size,
@@ -374,6 +376,9 @@ class BlockwiseInference:
                 {"blockwise": settings, "intensity": {"mean": mean, "std": std}},
                 uncertainty=self.save_uncertainty,
             )
+        barrier()
+        writer = self._resume(output, settings)
+        mean, std = writer.attributes["intensity"]["mean"], writer.attributes["intensity"]["std"]
         runs = math.prod(
             sum(len(grid.axis_windows(a, lo, hi)) for lo, hi in {tuple(box[a]) for box in blocks}) for a in range(3)
         )
@@ -386,11 +391,12 @@ class BlockwiseInference:
             runs / grid.num_windows,
         )
         pending = [box for box in blocks if not markers.is_done(box)]
-        if len(pending) < len(blocks):
+        if len(pending) < len(blocks) and rank == 0:
             logger.info(
                 "%s: resuming, %d of %d blocks already finished", output, len(blocks) - len(pending), len(blocks)
             )
-        for box in tqdm(pending, desc=f"blocks of {Path(volume.path).name}", disable=not self.progress):
+        mine = pending[rank::world]
+        for box in tqdm(mine, desc=f"blocks of {Path(volume.path).name}", disable=not self.progress or rank > 0):
             logits = self.predict_block(volume, grid, box, mean, std)
             if logits.shape[0] > 256:
                 raise ValueError(f"{logits.shape[0]} classes do not fit the uint8 label volume")
@@ -399,6 +405,7 @@ class BlockwiseInference:
                 uncertainty = torch.special.entr(torch.softmax(logits, dim=0)).sum(0).cpu().numpy()
             writer.write(box, logits.argmax(0).to(torch.uint8).cpu().numpy(), uncertainty)
             markers.mark_done(box)
+        barrier()  # every rank's blocks are in before anyone reads the result
         return BlockwiseResult(output, computed=len(pending), skipped=len(blocks) - len(pending))
 
     def _resume(self, output: Path, settings: dict) -> ZarrLabelWriter:
@@ -417,6 +424,40 @@ class BlockwiseInference:
                 "or remove it (and its .blocks folder) or choose another output_dir to start afresh"
             )
         return writer
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``0, 1`` outside ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing outside ``torch.distributed``)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def init_distributed() -> None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def finalize_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: str | torch.device) -> torch.device:
+    """``device``, or under ``torchrun`` on GPUs the one GPU of this process (``cuda:LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
 
 
 def prepare_network(network: nn.Module, handlers: Sequence, tta_axes: Sequence[int] = ()) -> nn.Module:
@@ -527,10 +568,11 @@ def segment_volumes(
         result = inference(volume, Path(output_dir) / f"{stem}_seg.zarr")
         results.append(result)
         file, key = split_container_path(volume.path)
-        if output_format != "input" or key is not None or os.path.isdir(file):
+        if output_format != "input" or key is not None or os.path.isdir(file) or rank_and_world()[0] > 0:
             continue
         target = output_path(file, output_dir, "seg")
         logger.info("%s: writing %s", result.zarr_path, target)
         if zarr_labels_to_file(result.zarr_path, volume, target) is None:
             logger.warning("%s does not fit in memory as %s: the Zarr group is the result", result.zarr_path, target)
+    barrier()
     return results

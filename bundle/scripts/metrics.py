@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.transforms import LoadImage
 
 from scripts.io import load_datalist, output_path
@@ -97,12 +98,18 @@ class _ConfusionMetric(Metric):
         self.ignore_index = ignore_index
         super().__init__(output_transform=output_transform)
 
+    @reinit__is_reduced
     def reset(self) -> None:
         self._cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
+    @reinit__is_reduced
     def update(self, output) -> None:
         for pred, label in _as_pairs(output):
             self._cm += confusion_matrix(_class_indices(pred), label, self.num_classes, self.ignore_index)
+
+    @sync_all_reduce("_cm")  # under DDP every rank validates its share: the confusion matrices are summed
+    def confusion(self) -> torch.Tensor:
+        return self._cm
 
 
 class MeanIoU(_ConfusionMetric):
@@ -126,7 +133,7 @@ class MeanIoU(_ConfusionMetric):
         super().__init__(num_classes, ignore_index, output_transform)
 
     def compute(self) -> float:
-        return mean_iou(self._cm, self.classes)
+        return mean_iou(self.confusion(), self.classes)
 
 
 class PerClassIoU(_ConfusionMetric):
@@ -145,7 +152,7 @@ class PerClassIoU(_ConfusionMetric):
         super().__init__(len(class_names), ignore_index, output_transform)
 
     def compute(self) -> dict[str, float]:
-        iou = scores_from_confusion(self._cm)["iou"]
+        iou = scores_from_confusion(self.confusion())["iou"]
         return {f"iou_{name.replace(' ', '_')}": float(v) for name, v in zip(self.class_names, iou)}
 
 
