@@ -1,0 +1,196 @@
+"""Inference speed against MONAI's default sliding window, and the bfloat16 path, on real EM (issue 7, b and c).
+
+``--part speed`` (b): the paper-size HybridUNet2D3D (64 features, 10.3 M parameters, random weights) on a real-size
+volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In one run:
+
+- this machine's float32 matrix-multiply GFLOP/s (2048^2, best of 5);
+- the network's forward alone on ``windows`` training windows (296, 296, 5): seconds and GFLOP/s;
+- MONAI's default ``SlidingWindowInferer`` (training window, overlap 0.25, Gaussian) on the whole volume;
+- the bundle's block-wise inference with a larger inference window (the network is fully convolutional, so fewer
+  overlapping voxels are computed), under ``torch.inference_mode``;
+- end-to-end voxels per second of both, the speed-up, useful GFLOP/s (the network's FLOPs for each voxel once, over
+  the end-to-end time) against the matrix-multiply peak, and the share of voxels whose label the two agree on.
+
+``--part bf16`` (c): the shipped model (``models/model.pt``, ``configs/inference.json``'s network) on the platelet
+slice through block-wise inference, float32 and bfloat16 autocast: seconds, speed-up and validation MIoU of each.
+
+FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
+them as JSON. Usage (from the repository root)::
+
+    python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 512, 24]"]
+    python benchmarks/inference_speed.py --part bf16
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import zarr
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+sys.path.insert(0, str(BUNDLE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import matmul_gflops  # noqa: E402
+
+from scripts.blockwise import BlockwiseInference  # noqa: E402
+from scripts.io import load_weights  # noqa: E402
+from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
+from scripts.networks import HybridUNet2D3D  # noqa: E402
+from scripts.volumes import ArrayVolume, open_volume  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "platelet"
+TRAIN_WINDOW = (296, 296, 5)
+VALIDATION_ROWS = slice(560, 800)  # the datalist's validation region, rows y >= 560
+
+
+def flops_per_voxel(network: torch.nn.Module, window=TRAIN_WINDOW) -> float:
+    """The network's forward FLOPs per output voxel, counted on one window."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        network(torch.zeros(1, 1, *window))
+    return counter.get_total_flops() / math.prod(window)
+
+
+def _platelet_stack(depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real slice (X, Y) repeated to (X, Y, depth), and its labels."""
+    image, labels = (open_volume(str(DATA / f"50-slice0-{n}.tif")) for n in ("image", "labels"))
+    full = [[0, 800], [0, 800], [0, 1]]
+    return np.repeat(image.read(full), depth, axis=2), labels.read(full)[..., 0]
+
+
+def _timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def speed(
+    depth: int = 24,
+    window: tuple = (800, 512, 24),
+    windows: int = 3,
+    block_size: tuple = (800, 800, 24),
+    features: int = 64,
+) -> dict:
+    torch.manual_seed(0)
+    network = HybridUNet2D3D(out_channels=7, features=features).eval()
+    per_voxel = flops_per_voxel(network)
+    peak = matmul_gflops()
+    with torch.inference_mode():
+        batch = torch.randn(1, 1, *TRAIN_WINDOW)
+        network(batch)  # warm-up
+        _, forward_s = _timed(lambda: [network(batch) for _ in range(windows)])
+    forward_gflops = per_voxel * math.prod(TRAIN_WINDOW) * windows / forward_s / 1e9
+
+    stack, _ = _platelet_stack(depth)
+    volume = ArrayVolume(stack, f"platelet slice x {depth}", (10.0, 10.0, 50.0))
+    voxels = stack.size
+    normalised = torch.from_numpy((stack - stack.mean()) / stack.std()).float()[None, None]
+    monai_default = SlidingWindowInferer(TRAIN_WINDOW, sw_batch_size=1, overlap=0.25, mode="gaussian")
+    with torch.inference_mode():
+        reference, monai_s = _timed(lambda: monai_default(normalised, network).argmax(1)[0])
+    bundle = BlockwiseInference(network, window, overlap=0.25, block_size=block_size, fit_axes=(2,), progress=False)
+    runs = bundle.grid(volume).num_windows
+    out = Path(REPO / "runs" / "inference_speed" / "speed_seg.zarr")
+    _remove(out)
+    _, bundle_s = _timed(lambda: bundle(volume, out))
+    labels = torch.from_numpy(np.ascontiguousarray(zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)))
+    agreement = float((labels == reference).float().mean())
+    useful = per_voxel * voxels / 1e9
+    return {
+        "volume_xyz": list(stack.shape),
+        "network": f"HybridUNet2D3D features {features} (random weights)",
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "gflop_per_voxel_forward": per_voxel / 1e9,
+        "matmul_fp32_gflops": round(peak, 1),
+        "forward_alone": {"windows": windows, "seconds": round(forward_s, 2), "gflops": round(forward_gflops, 1)},
+        "monai_default": {
+            "roi": list(TRAIN_WINDOW),
+            "overlap": 0.25,
+            "seconds": round(monai_s, 1),
+            "voxels_per_s": round(voxels / monai_s),
+            "useful_gflops": round(useful / monai_s, 1),
+        },
+        "bundle_blockwise": {
+            "roi": list(window),
+            "overlap": 0.25,
+            "block_size": list(block_size),
+            "windows": runs,
+            "seconds": round(bundle_s, 1),
+            "voxels_per_s": round(voxels / bundle_s),
+            "useful_gflops": round(useful / bundle_s, 1),
+            "share_of_matmul_peak": round(useful / bundle_s / peak, 3),
+        },
+        "speed_up_over_monai_default": round(monai_s / bundle_s, 2),
+        "label_agreement_with_monai_default": round(agreement, 5),
+    }
+
+
+def _remove(zarr_path: Path) -> None:
+    shutil.rmtree(zarr_path, ignore_errors=True)
+    shutil.rmtree(zarr_path.with_name(zarr_path.name + ".blocks"), ignore_errors=True)
+
+
+def bf16(repeats: int = 2) -> dict:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    network = load_weights(parser.get_parsed_content("network_def"), BUNDLE / "models" / "model.pt").eval()
+    window = parser["infer_window"]
+    image, labels = _platelet_stack(1)
+    volume = ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0))
+    classes = len(parser.get_parsed_content("class_names"))
+    organelles = parser.get_parsed_content("class_schema")["organelles"]
+    results = {}
+    for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+        inference = BlockwiseInference(network, window, 0.25, (800, 800, 1), fit_axes=(2,), bf16=use_bf16)
+        inference.progress = False
+        seconds = []
+        for _ in range(repeats + 1):  # the first run warms up
+            out = REPO / "runs" / "inference_speed" / f"bf16_{name}.zarr"
+            _remove(out)
+            seconds.append(_timed(lambda: inference(volume, out))[1])
+        pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
+        cm = confusion_matrix(
+            torch.from_numpy(pred[:, VALIDATION_ROWS].astype(np.int64)),
+            torch.from_numpy(labels[:, VALIDATION_ROWS].astype(np.int64)),
+            classes,
+        )
+        results[name] = {
+            "seconds": round(min(seconds[1:]), 2),
+            "miou_all": round(mean_iou(cm), 4),
+            "miou_org": round(mean_iou(cm, organelles), 4),
+        }
+    results["speed_up"] = round(results["float32"]["seconds"] / results["bfloat16"]["seconds"], 2)
+    results["miou_all_change"] = round(results["bfloat16"]["miou_all"] - results["float32"]["miou_all"], 4)
+    return {"model": "models/model.pt (configs/inference.json network)", "window": window, **results}
+
+
+def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
+    if not (DATA / "50-slice0-image.tif").exists():
+        print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships beside the checkout)")
+        return
+    parts = {"speed": speed, "bf16": bf16}
+    if part not in parts:
+        sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
+    report = {"part": part, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), **parts[part](**kwargs)}
+    print(json.dumps(report, indent=2))
+    path = REPO / (output or f"benchmarks/results/inference_{part}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"json: {path}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
