@@ -33,8 +33,12 @@ from typing import Any
 import itk
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 from conftest import BUNDLE, REPO, require_shared
+from scripts.crf import NetworkWithCRF
+from scripts.variant_bundle import write_variant_bundle
 
 LABEL_VENV = REPO / ".venv-label"
 LABEL_PYTHON = LABEL_VENV / "bin" / "python"
@@ -42,6 +46,8 @@ SAMPLE_APP = LABEL_VENV / "monailabel" / "sample-apps" / "monaibundle"
 # The task type comes from the directory name: it must contain "segmentation".
 MODEL = "em_dense_segmentation"
 MODEL_TS = "em_dense_segmentation_torchscript"  # the same bundle with models/model.ts alone
+MODEL_CRF = "em_crf_stack_segmentation"  # the network + 3D CRF-RNN stack (configs/variants/crf_stage2.json)
+MODEL_TASK = "em_mitochondria_segmentation"  # the task configs/tasks/mito_only.json
 STUDY_2D, STUDY_3D = "platelet_section", "isbi_stack"
 PLATELET_CROP = (slice(192, 448), slice(544, 800))  # (y, x) of the 800x800 section: all seven classes occur here
 STARTUP_S, REQUEST_S, TRAIN_S = 180, 180, 420
@@ -89,6 +95,13 @@ def _patch_json(path: Path, updates: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=4))
 
 
+def _scale_for_cpu(bundle: Path) -> None:
+    """Test-scale training and the studies' voxel size in a bundle copy's configs."""
+    configs = bundle / "configs"
+    _patch_json(configs / "train.json", {**SMALL_TRAIN, "input_spacing": INPUT_SPACING})
+    _patch_json(configs / "inference.json", {"input_spacing": INPUT_SPACING})
+
+
 def _copy_bundle(destination: Path, shipped: list[str]) -> Path:
     """Copy the bundle as it ships: configs, scripts, docs and the named files of ``models/`` only (a working
     copy's ``models/`` may also hold checkpoints of local runs)."""
@@ -98,19 +111,36 @@ def _copy_bundle(destination: Path, shipped: list[str]) -> Path:
     (destination / "models").mkdir()
     for name in shipped:
         shutil.copyfile(BUNDLE / "models" / name, destination / "models" / name)
-    configs = destination / "configs"
-    _patch_json(configs / "train.json", {**SMALL_TRAIN, "input_spacing": INPUT_SPACING})
-    _patch_json(configs / "inference.json", {"input_spacing": INPUT_SPACING})
+    _scale_for_cpu(destination)
     return destination
 
 
+def _variant_bundle(destination: Path, variants: list[str]) -> Path:
+    """A bundle copy with ``variants`` merged into its configs (scripts.variant_bundle) and weights of its
+    network: the shipped network's where the network has them (the CRF stack), random ones otherwise."""
+    bundle = write_variant_bundle(variants, destination)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    if isinstance(network, NetworkWithCRF):
+        network.load_network(BUNDLE / "models" / "model.pt")
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    _scale_for_cpu(bundle)
+    return bundle
+
+
 def _build_app(root: Path) -> tuple[Path, Path]:
-    """Copy the sample app and, into its ``model/``, the bundle with its shipped weights and a copy that has only
-    the TorchScript export; returns the app and the first bundle's directory."""
+    """Copy the sample app and, into its ``model/``, the bundle with its shipped weights, a copy that has only
+    the TorchScript export, and two variant bundles (CRF stack, mitochondria-only task); returns the app and the
+    first bundle's directory."""
     app = root / "app"
     shutil.copytree(SAMPLE_APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs"))
     bundle = _copy_bundle(app / "model" / MODEL, ["model.pt", "model.ts"])
     _copy_bundle(app / "model" / MODEL_TS, ["model.ts"])
+    _variant_bundle(app / "model" / MODEL_CRF, ["configs/variants/crf_stage2.json"])
+    _variant_bundle(app / "model" / MODEL_TASK, ["configs/variants/task.json"])  # configs/tasks/mito_only.json
     return app, bundle
 
 
@@ -252,7 +282,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env["PYTHONPATH"] = str(app)
     command = [
         str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", f"{MODEL},{MODEL_TS}", "--conf", "zoo_source", "github", "--conf", "sam2", "false",
+        "--conf", "models", ",".join((MODEL, MODEL_TS, MODEL_CRF, MODEL_TASK)),
+        "--conf", "zoo_source", "github", "--conf", "sam2", "false",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     log = root / "server.log"
@@ -322,7 +353,8 @@ def _infer(srv: Server, study: str, model: str = MODEL) -> tuple[np.ndarray, dic
     np.testing.assert_allclose(spacing, image_spacing, rtol=1e-4, err_msg=f"{study}: label spacing")
     values = np.unique(label)
     assert np.array_equal(values, np.round(values)), f"{study}: non-integer label values {values[:10]}"
-    assert set(values.astype(int).tolist()) <= set(range(len(_expected_labels()) + 1)), f"{study}: values {values}"
+    known = {0, *srv.json("GET", "/info/")["models"][model]["labels"].values()}
+    assert set(values.astype(int).tolist()) <= known, f"{study}: values {values} outside the classes of {model}"
     return label, result, data, filename
 
 
@@ -343,6 +375,8 @@ def test_info_lists_the_bundle(server: Server) -> None:
     assert model["dimension"] == 3
     assert model["labels"] == _expected_labels()
     assert info["models"][MODEL_TS]["labels"] == _expected_labels()  # served from models/model.ts alone
+    assert info["models"][MODEL_CRF]["labels"] == _expected_labels()
+    assert info["models"][MODEL_TASK]["labels"] == {"mitochondrion": 1}  # the task's classes, from one task file
     assert MODEL in info["trainers"], f"trainers: {sorted(info['trainers'])}"
     assert info["trainers"][MODEL]["config"]["run_id"] == "run"
     assert info["datastore"]["total"] == 2
@@ -363,6 +397,10 @@ def test_infer_2d_and_3d_studies(server: Server) -> None:
     assert accuracy > MIN_ACCURACY, f"shipped model: pixel accuracy {accuracy:.3f} on the 2D study"
     # the TorchScript export alone serves the same segmentation
     np.testing.assert_array_equal(_infer(server, STUDY_2D, MODEL_TS)[0], labels[STUDY_2D])
+    # the CRF stack (shipped network, CRF at its initial parameters) and the 2-class task model serve too
+    stacked = _infer(server, STUDY_2D, MODEL_CRF)[0]
+    assert float((stacked == truth).mean()) > MIN_ACCURACY
+    _infer(server, STUDY_3D, MODEL_TASK)
     # Section stack, pages (Z, Y, X): the z axis must survive the anisotropic resampling and its inverse.
     assert _study(server, STUDY_3D)[0].shape == (5, 256, 256)
     assert _study(server, STUDY_2D)[0].ndim == 2

@@ -1,0 +1,139 @@
+"""Train, export and document the model that ships in ``models/``: one command, from the bundle root.
+
+1. trains ``configs/train.json`` + ``configs/variants/pretrained_platelet.json`` on the real platelet slice's
+   training region (rows y < 560), checkpoints in ``<workdir>/models``;
+2. copies the best checkpoint (validation MIoU(all)) to ``models/model.pt`` and exports it to TorchScript
+   (``models/model.ts``, MONAI's ``ckpt_export``), and lists both with their hashes in ``large_files.yml``;
+3. segments the slice with plain ``configs/inference.json`` and the shipped weights, as a user's first run does,
+   evaluates the validation region (rows y >= 560) with ``configs/evaluate.json``, and writes the figures to
+   ``docs/results.json`` and the overlay picture to ``docs/images/``; prints the tables the model card shows.
+
+Usage (from ``bundle/``): ``python -m scripts.release [--workdir ../runs/release] [--train true]``.
+``--train false`` repeats steps 2-3 from the checkpoint of an earlier call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+import yaml
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
+RECIPE = ["configs/train.json", "configs/variants/pretrained_platelet.json"]
+SHIPPED = ["models/model.pt", "models/model.ts"]
+RESULTS = BUNDLE_ROOT / "docs" / "results.json"
+PICTURE = BUNDLE_ROOT / "docs" / "images" / "platelet_validation.png"
+
+
+def _bundle(*args: str) -> None:
+    """``python -m monai.bundle <args>`` in the bundle root, echoed, stopping on failure."""
+    command = [sys.executable, "-m", "monai.bundle", *args]
+    print("\n$ " + " ".join(command), flush=True)
+    subprocess.run(command, cwd=BUNDLE_ROOT, check=True)
+
+
+def _replace(source: Path, destination: Path) -> None:
+    """Copy through a temporary name and an atomic rename."""
+    tmp = destination.with_name(f".{destination.name}.partial")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, destination)
+
+
+def write_large_files(paths: list[str]) -> Path:
+    """``large_files.yml`` as the model zoo lists weights: path, hash and hash type (no download URL: they ship)."""
+    entries = []
+    for relative in paths:
+        digest = hashlib.sha256((BUNDLE_ROOT / relative).read_bytes()).hexdigest()
+        entries.append({"path": relative, "hash_val": digest, "hash_type": "sha256"})
+    listing = BUNDLE_ROOT / "large_files.yml"
+    listing.write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
+    return listing
+
+
+def _figure(value: float) -> str:
+    """Three decimals, or '-' for a class with no IoU (absent from ground truth and prediction)."""
+    return "-" if value != value else f"{value:.3f}"
+
+
+def main(workdir: str = "../runs/release", train: bool = True, data_dir: str | None = None) -> None:
+    """Train (unless ``train`` is False), ship, evaluate and document the pretrained model.
+
+    Args:
+        workdir: training checkpoints, predictions and evaluation (relative to ``bundle/``).
+        train: False reuses ``<workdir>/models/model.pt`` from an earlier call.
+        data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
+    """
+    start = time.time()
+    workdir = (BUNDLE_ROOT / workdir).resolve()
+    data_dir = Path(data_dir).resolve() if data_dir else SHARED_DATA
+    if not (data_dir / "platelet" / "50-slice0-image.tif").exists():
+        sys.exit(f"the real platelet slice is not in {data_dir}/platelet: the shipped model is trained on it only")
+    checkpoint = workdir / "models" / "model.pt"
+    common = ["--dataset_dir", str(data_dir)]
+    if train:
+        _bundle(
+            "run", "training", "--config_file", json.dumps(RECIPE), *common,
+            "--ckpt_dir", str(workdir / "models"), "--output_dir", str(workdir / "train"),
+        )  # fmt: skip
+    elif not checkpoint.is_file():
+        sys.exit(f"{checkpoint} not found: run with --train true first")
+    train_seconds = time.time() - start
+
+    (BUNDLE_ROOT / "models").mkdir(exist_ok=True)
+    _replace(checkpoint, BUNDLE_ROOT / SHIPPED[0])
+    state = torch.load(BUNDLE_ROOT / SHIPPED[0], map_location="cpu", weights_only=True)
+    export = ["ckpt_export", "network_def", "--filepath", SHIPPED[1], "--ckpt_file", SHIPPED[0]]
+    export += ["--key_in_ckpt", "model"] if "model" in state else []
+    _bundle(*export, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    write_large_files(SHIPPED)
+
+    # what a user's first run does: plain inference.json with the shipped weights, then the evaluation
+    prediction = workdir / "eval"
+    _bundle("run", "inference", "--config_file", "configs/inference.json", *common, "--output_dir", str(prediction))
+    _bundle("run", "evaluating", "--config_file", "configs/evaluate.json", *common, "--output_dir", str(prediction))
+    metrics = json.loads((prediction / "metrics.json").read_text())
+    overlay = next(prediction.glob("*_overlay.png"))
+    PICTURE.parent.mkdir(parents=True, exist_ok=True)
+    _replace(overlay, PICTURE)
+
+    recipe = json.loads((BUNDLE_ROOT / RECIPE[1]).read_text())
+    results = {
+        "command": "cd bundle && python -m scripts.release",
+        "recipe": RECIPE,
+        "steps": recipe["max_epochs"] * recipe["windows_per_volume"],
+        "train_seconds": round(train_seconds),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "validation": "platelet/50-slice0, rows y >= 560 (trained on rows y < 560)",
+        "mean": metrics["mean"],
+        "objects": metrics["objects"],
+        "picture": str(PICTURE.relative_to(BUNDLE_ROOT)),
+    }
+    tmp = RESULTS.with_name(f".{RESULTS.name}.partial")
+    tmp.write_text(json.dumps(results, indent=4) + "\n")
+    os.replace(tmp, RESULTS)
+    mean = metrics["mean"]
+    print(f"\nshipped: {', '.join(SHIPPED)}; figures: {RESULTS}; picture: {PICTURE}")
+    print(f"validation MIoU(all) {mean['miou_all']:.4f}, MIoU(org) {mean['miou_org']:.4f}")
+    print("\n| class | IoU | Dice |\n|---|---|---|")
+    for name, iou in mean["iou"].items():
+        print(f"| {name} | {_figure(iou)} | {_figure(mean['dice'][name])} |")
+    print("\n| class | GT objects | found | missed | under-detected | predicted objects |\n|---|---|---|---|---|---|")
+    for row in metrics["objects"]:
+        counts = [row[k] for k in ("gt_objects", "found", "missed", "under_detected", "pred_objects")]
+        print(f"| {row['class']} | " + " | ".join(str(c) for c in counts) + " |")
+    print(f"\ntotal {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,67 @@
+"""The pretrained model that ships in ``bundle/models/``: what a user gets right after cloning.
+
+``python -m scripts.release`` trained it and wrote ``docs/results.json``; these tests check that the shipped files
+are the ones listed, load as users load them, and still give the figures the model card states."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser, load
+
+from bundle_cli import bundle_run
+from conftest import BUNDLE, REPO, SHARED_DATA, require_shared
+
+RESULTS = json.loads((BUNDLE / "docs" / "results.json").read_text())
+
+
+def _inference_network() -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    return parser.get_parsed_content("network_def")
+
+
+def test_shipped_files_are_listed_small_and_load_as_users_load_them():
+    listing = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    assert {e["path"] for e in listing} == {"models/model.pt", "models/model.ts"}
+    for entry in listing:
+        data = (BUNDLE / entry["path"]).read_bytes()
+        assert len(data) < 25 * 1024 * 1024
+        assert hashlib.new(entry["hash_type"], data).hexdigest() == entry["hash_val"], entry["path"]
+
+    network = _inference_network().eval()
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state))  # strict: exactly inference.json's network_def
+    scripted, meta, _ = load(name="bundle", bundle_dir=str(REPO), model_file="models/model.ts", load_ts_module=True)
+    assert meta["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    image = torch.randn(1, 1, 64, 64, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(scripted(image), network(image), rtol=1e-4, atol=1e-5)
+
+
+def test_first_inference_after_cloning_gives_the_model_cards_figures(tmp_path):
+    """Plain ``run inference --config_file configs/inference.json`` with the shipped weights on the platelet slice,
+    then the evaluation: MIoU within 0.01 of docs/results.json, and the model card prints those figures."""
+    require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path)}
+    bundle_run("inference", ["configs/inference.json"], common)
+    bundle_run("evaluating", ["configs/evaluate.json"], common)
+    mean = json.loads((tmp_path / "metrics.json").read_text())["mean"]
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    for key in ("miou_all", "miou_org"):
+        assert mean[key] == pytest.approx(RESULTS["mean"][key], abs=0.01), key
+        assert f"{RESULTS['mean'][key]:.3f}" in card, f"model card lacks {key} {RESULTS['mean'][key]:.3f}"
+
+
+def test_finetune_variant_starts_from_the_shipped_weights():
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "variants/finetune.json")])
+    parser["bundle_root"] = str(BUNDLE)
+    network = parser.get_parsed_content("network")
+    shipped = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    shipped = shipped.get("model", shipped)
+    assert all(torch.equal(value.cpu(), shipped[key]) for key, value in network.state_dict().items())
+    assert parser.get_parsed_content("ckpt_dir").endswith("models/finetuned")  # the shipped file is not overwritten
