@@ -316,9 +316,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _slicer_params(srv: Server, section: str, name: str) -> dict[str, Any]:
-    """The request parameters Slicer sends: each option /info/ lists, lists reduced to their first item."""
+    """The request parameters Slicer sends: each option /info/ lists, choice lists reduced to their first item."""
     config = srv.json("GET", "/info/")[section][name]["config"]
-    return {k: v[0] if isinstance(v, list) else v for k, v in config.items()}
+    # an empty choice list (model_filename of a bundle with models/model.ts alone) offers nothing to send
+    return {k: v[0] if isinstance(v, list) else v for k, v in config.items() if v != []}
 
 
 def _read_volume(data: bytes, filename: str, work: Path) -> tuple[np.ndarray, tuple[float, ...]]:
