@@ -1,5 +1,6 @@
 """Block-wise, resumable inference (scripts.blockwise): equal to MONAI's sliding window, resumable, refusing to mix."""
 
+import copy
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import zarr
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import BasicUNet
 from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
@@ -26,9 +28,10 @@ from scripts.blockwise import (
     open_datalist_volumes,
     prepare_network,
 )
+from scripts.crf import CRFRNN, NetworkWithCRF
 from scripts.ensembles import EnsembleNetwork
 from scripts.inference import FittedSlidingWindowInferer
-from scripts.networks import HybridUNet2D3D
+from scripts.networks import HybridUNet2D3D, SectionWise2D
 from scripts.volumes import ArrayVolume, open_volume
 
 
@@ -115,6 +118,26 @@ def test_bf16_autocast_runs_on_cpu():
     )
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, fp32, atol=0.05 * float(fp32.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["hybrid-3d", "crf-stack", "section-wise-2d"])
+def test_channels_last_changes_layout_not_results(kind):
+    torch.manual_seed(0)
+    if kind == "hybrid-3d":
+        network = HybridUNet2D3D(out_channels=2, features=4).eval()
+    elif kind == "crf-stack":
+        network = NetworkWithCRF(HybridUNet2D3D(out_channels=2, features=4), CRFRNN(2, iterations=2)).eval()
+    else:
+        network = SectionWise2D(BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 8, 4))).eval()
+    volume = ArrayVolume(synthetic_volume((48, 40, 6)))
+    contiguous = blockwise_logits(BlockwiseInference(copy.deepcopy(network), (32, 32, 6), channels_last=False), volume)
+    inference = BlockwiseInference(network, (32, 32, 6), channels_last=True)
+    weights_3d = [p for p in network.parameters() if p.dim() == 5]
+    assert bool(weights_3d) == (kind != "section-wise-2d")
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights_3d)
+    assert kind == "section-wise-2d" or any(not p.is_contiguous() for p in weights_3d), "the layout changed"
+    assert all(p.is_contiguous() for p in network.parameters() if p.dim() != 5), "other weights untouched"
+    torch.testing.assert_close(blockwise_logits(inference, volume), contiguous, atol=1e-5, rtol=1e-5)
 
 
 CHILD = r"""

@@ -181,6 +181,17 @@ class FlipTTA(nn.Module):
         return f"axes={self.axes}"
 
 
+def to_channels_last_3d(network: nn.Module) -> nn.Module:
+    """Stores the 5D weights of ``network`` (3D convolutions) channels-last, in place; other tensors are kept.
+
+    ``nn.Module.to(memory_format=torch.channels_last_3d)`` would fail on a 2D convolution's 4D weights.
+    """
+    for tensor in itertools.chain(network.parameters(), network.buffers()):
+        if tensor.dim() == 5:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
+    return network
+
+
 def network_fingerprint(network: nn.Module) -> str:
     """SHA-256 of the network's structure (``repr``) and weights: what identifies the checkpoint(s) behind it."""
     digest = hashlib.sha256(repr(network).encode())
@@ -241,6 +252,9 @@ class BlockwiseInference:
         fit_axes: axes along which the window is cut to the volume instead of padding it (inference.json's
             ``window_fit_axes``); ``()`` pads like ``SlidingWindowInferer``.
         bf16: run the network under ``torch.autocast(dtype=torch.bfloat16)`` (CPU or CUDA).
+        channels_last: store the network's 3D convolution weights and the windows channels-last (NDHWC), the
+            layout oneDNN's and cuDNN's fastest 3D convolutions use (1.3-1.5x on this CPU); results change by
+            float rounding only.
         save_uncertainty: also store the per-voxel entropy (nats) of the blended class probabilities, float16.
         sigma_scale: Gaussian sigma as a fraction of the window.
         progress: show progress bars.
@@ -256,6 +270,7 @@ class BlockwiseInference:
         device: str | torch.device | None = None,
         fit_axes: Sequence[int] = (),
         bf16: bool = False,
+        channels_last: bool = True,
         save_uncertainty: bool = False,
         sigma_scale: float = 0.125,
         progress: bool = True,
@@ -268,6 +283,9 @@ class BlockwiseInference:
             device = next(network.parameters(), torch.empty(0)).device
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            to_channels_last_3d(self.network)
         self.roi_size = [int(r) for r in roi_size]
         self.overlap = list(ensure_tuple_rep(overlap, 3))
         self.block_size = [int(b) for b in block_size]
@@ -296,6 +314,7 @@ class BlockwiseInference:
             "fit_axes": self.fit_axes,
             "sigma_scale": self.sigma_scale,
             "bf16": self.bf16,
+            "channels_last": self.channels_last,
             "uncertainty": self.save_uncertainty,
         }
 
@@ -330,6 +349,8 @@ class BlockwiseInference:
                     for w in batch
                 ]
             ).to(self.device)
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.network(inputs)
             if tuple(logits.shape[2:]) != tuple(roi):
