@@ -3,21 +3,29 @@
 ``--part speed`` (b): the paper-size HybridUNet2D3D (64 features, 10.3 M parameters, random weights) on a real-size
 volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In one run:
 
-- this machine's float32 matrix-multiply GFLOP/s (2048^2, best of 5);
-- the network's forward alone on ``windows`` training windows (296, 296, 5): seconds and GFLOP/s;
+- this machine's float32 matrix-multiply GFLOP/s (2048^2, best of 5, at the start and at the end of the run; the
+  higher is the peak);
+- the network's forward alone on ``windows`` training windows (296, 296, 5) as MONAI runs them, and on one of the
+  bundle's inference windows, channels-last: seconds and GFLOP/s;
 - MONAI's default ``SlidingWindowInferer`` (training window, overlap 0.25, Gaussian) on the whole volume;
 - the bundle's block-wise inference with a larger inference window (the network is fully convolutional, so fewer
-  overlapping voxels are computed), under ``torch.inference_mode``;
+  overlapping voxels are computed), under ``torch.inference_mode``, channels-last. Its default (800, 448, 24) with
+  overlap 0.15 lays 2 windows over 800 x 800 x 24 that share 96 rows, more than the 74 that neighbouring
+  training windows share at MONAI's overlap 0.25;
 - end-to-end voxels per second of both, the speed-up, useful GFLOP/s (the network's FLOPs for each voxel once, over
-  the end-to-end time) against the matrix-multiply peak, and the share of voxels whose label the two agree on.
+  the end-to-end time) against the matrix-multiply peak, and the share of voxels whose label the two agree on;
+- equal accuracy, with trained weights: the shipped model (``models/model.pt``) on the real platelet slice through
+  the same two inferers (MONAI's with that model's training window), validation MIoU of each.
 
 ``--part bf16`` (c): the shipped model (``models/model.pt``, ``configs/inference.json``'s network) on the platelet
-slice through block-wise inference, float32 and bfloat16 autocast: seconds, speed-up and validation MIoU of each.
+slice through block-wise inference, float32 and bfloat16 autocast, with contiguous and with channels-last weights:
+seconds, speed-up and validation MIoU of each; and the paper-size network's forward on one channels-last
+(296, 296, 24) window in both precisions (random weights: speed only).
 
 FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
 them as JSON. Usage (from the repository root)::
 
-    python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 512, 24]"]
+    python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 448, 24]"] [--overlap 0.15]
     python benchmarks/inference_speed.py --part bf16
 """
 
@@ -45,7 +53,7 @@ sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import matmul_gflops  # noqa: E402
 
-from scripts.blockwise import BlockwiseInference  # noqa: E402
+from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
 from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
@@ -78,7 +86,8 @@ def _timed(function):
 
 def speed(
     depth: int = 24,
-    window: tuple = (800, 512, 24),
+    window: tuple = (800, 448, 24),
+    overlap: float = 0.15,
     windows: int = 3,
     block_size: tuple = (800, 800, 24),
     features: int = 64,
@@ -86,7 +95,7 @@ def speed(
     torch.manual_seed(0)
     network = HybridUNet2D3D(out_channels=7, features=features).eval()
     per_voxel = flops_per_voxel(network)
-    peak = matmul_gflops()
+    peak_start = matmul_gflops()
     with torch.inference_mode():
         batch = torch.randn(1, 1, *TRAIN_WINDOW)
         network(batch)  # warm-up
@@ -100,21 +109,35 @@ def speed(
     monai_default = SlidingWindowInferer(TRAIN_WINDOW, sw_batch_size=1, overlap=0.25, mode="gaussian")
     with torch.inference_mode():
         reference, monai_s = _timed(lambda: monai_default(normalised, network).argmax(1)[0])
-    bundle = BlockwiseInference(network, window, overlap=0.25, block_size=block_size, fit_axes=(2,), progress=False)
-    runs = bundle.grid(volume).num_windows
+    bundle = BlockwiseInference(network, window, overlap, block_size=block_size, fit_axes=(2,), progress=False)
+    grid = bundle.grid(volume)
+    runs = grid.num_windows
+    with torch.inference_mode():  # the network is channels-last from here on
+        big = torch.randn(1, 1, *grid.roi_size).contiguous(memory_format=torch.channels_last_3d)
+        _, window_s = _timed(lambda: network(big))
+    window_gflops = per_voxel * math.prod(grid.roi_size) / window_s / 1e9
     out = Path(REPO / "runs" / "inference_speed" / "speed_seg.zarr")
     _remove(out)
     _, bundle_s = _timed(lambda: bundle(volume, out))
     labels = torch.from_numpy(np.ascontiguousarray(zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)))
     agreement = float((labels == reference).float().mean())
     useful = per_voxel * voxels / 1e9
+    peak_end = matmul_gflops()
+    peak = max(peak_start, peak_end)
     return {
         "volume_xyz": list(stack.shape),
         "network": f"HybridUNet2D3D features {features} (random weights)",
         "parameters": sum(p.numel() for p in network.parameters()),
         "gflop_per_voxel_forward": per_voxel / 1e9,
         "matmul_fp32_gflops": round(peak, 1),
+        "matmul_fp32_gflops_start_end": [round(peak_start, 1), round(peak_end, 1)],
         "forward_alone": {"windows": windows, "seconds": round(forward_s, 2), "gflops": round(forward_gflops, 1)},
+        "forward_alone_inference_window": {
+            "roi": list(grid.roi_size),
+            "channels_last": True,
+            "seconds": round(window_s, 2),
+            "gflops": round(window_gflops, 1),
+        },
         "monai_default": {
             "roi": list(TRAIN_WINDOW),
             "overlap": 0.25,
@@ -123,9 +146,10 @@ def speed(
             "useful_gflops": round(useful / monai_s, 1),
         },
         "bundle_blockwise": {
-            "roi": list(window),
-            "overlap": 0.25,
+            "roi": list(grid.roi_size),
+            "overlap": overlap,
             "block_size": list(block_size),
+            "channels_last": bundle.channels_last,
             "windows": runs,
             "seconds": round(bundle_s, 1),
             "voxels_per_s": round(voxels / bundle_s),
@@ -134,6 +158,57 @@ def speed(
         },
         "speed_up_over_monai_default": round(monai_s / bundle_s, 2),
         "label_agreement_with_monai_default": round(agreement, 5),
+        "equal_accuracy_shipped_model": equal_accuracy(window, overlap),
+    }
+
+
+def _shipped_model() -> tuple[torch.nn.Module, ConfigParser]:
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    network = load_weights(parser.get_parsed_content("network_def"), BUNDLE / "models" / "model.pt").eval()
+    return network, parser
+
+
+def _validation_miou(pred: np.ndarray, labels: np.ndarray, parser: ConfigParser) -> dict:
+    """MIoU(all) and MIoU(org) of a (X, Y) prediction on the validation rows."""
+    cm = confusion_matrix(
+        torch.from_numpy(pred[:, VALIDATION_ROWS].astype(np.int64)),
+        torch.from_numpy(labels[:, VALIDATION_ROWS].astype(np.int64)),
+        len(parser.get_parsed_content("class_names")),
+    )
+    organelles = parser.get_parsed_content("class_schema")["organelles"]
+    return {"miou_all": round(mean_iou(cm), 4), "miou_org": round(mean_iou(cm, organelles), 4)}
+
+
+def equal_accuracy(window: tuple, overlap: float) -> dict:
+    """The shipped model on the real slice: MONAI's sliding window with its training window vs block-wise."""
+    network, parser = _shipped_model()
+    recipe = json.loads((BUNDLE / "configs" / "variants" / "pretrained_platelet.json").read_text())
+    train_window = recipe["train_window"]  # the shipped model's (256, 256, 1)
+    image, labels = _platelet_stack(1)
+    normalised = torch.from_numpy((image - image.mean()) / image.std()).float()[None, None]
+    monai_default = SlidingWindowInferer(train_window, sw_batch_size=1, overlap=0.25, mode="gaussian")
+    with torch.inference_mode():
+        reference, monai_s = _timed(lambda: monai_default(normalised, network).argmax(1)[0, ..., 0].numpy())
+    bundle = BlockwiseInference(network, window, overlap, (800, 800, 1), fit_axes=(2,), progress=False)
+    out = REPO / "runs" / "inference_speed" / "equal_accuracy.zarr"
+    _remove(out)
+    _, bundle_s = _timed(lambda: bundle(ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0)), out))
+    pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
+    return {
+        "model": "models/model.pt",
+        "monai_default": {
+            "roi": train_window,
+            "seconds": round(monai_s, 2),
+            **_validation_miou(reference, labels, parser),
+        },
+        "bundle_blockwise": {
+            "roi": list(bundle.grid(ArrayVolume(image)).roi_size),
+            "seconds": round(bundle_s, 2),
+            **_validation_miou(pred, labels, parser),
+        },
+        "label_agreement": round(float((pred == reference).mean()), 5),
     }
 
 
@@ -142,39 +217,52 @@ def _remove(zarr_path: Path) -> None:
     shutil.rmtree(zarr_path.with_name(zarr_path.name + ".blocks"), ignore_errors=True)
 
 
-def bf16(repeats: int = 2) -> dict:
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
-    parser["bundle_root"] = str(BUNDLE)
-    network = load_weights(parser.get_parsed_content("network_def"), BUNDLE / "models" / "model.pt").eval()
+def bf16(repeats: int = 2, paper_window: tuple = (296, 296, 24)) -> dict:
+    network, parser = _shipped_model()
     window = parser["infer_window"]
     image, labels = _platelet_stack(1)
     volume = ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0))
-    classes = len(parser.get_parsed_content("class_names"))
-    organelles = parser.get_parsed_content("class_schema")["organelles"]
     results = {}
-    for name, use_bf16 in (("float32", False), ("bfloat16", True)):
-        inference = BlockwiseInference(network, window, 0.25, (800, 800, 1), fit_axes=(2,), bf16=use_bf16)
-        inference.progress = False
-        seconds = []
-        for _ in range(repeats + 1):  # the first run warms up
-            out = REPO / "runs" / "inference_speed" / f"bf16_{name}.zarr"
-            _remove(out)
-            seconds.append(_timed(lambda: inference(volume, out))[1])
-        pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
-        cm = confusion_matrix(
-            torch.from_numpy(pred[:, VALIDATION_ROWS].astype(np.int64)),
-            torch.from_numpy(labels[:, VALIDATION_ROWS].astype(np.int64)),
-            classes,
-        )
-        results[name] = {
-            "seconds": round(min(seconds[1:]), 2),
-            "miou_all": round(mean_iou(cm), 4),
-            "miou_org": round(mean_iou(cm, organelles), 4),
-        }
-    results["speed_up"] = round(results["float32"]["seconds"] / results["bfloat16"]["seconds"], 2)
-    results["miou_all_change"] = round(results["bfloat16"]["miou_all"] - results["float32"]["miou_all"], 4)
-    return {"model": "models/model.pt (configs/inference.json network)", "window": window, **results}
+    # contiguous first: channels_last=True converts the network's weights in place
+    for layout, channels_last in (("contiguous", False), ("channels_last", True)):
+        for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+            inference = BlockwiseInference(
+                network, window, 0.25, (800, 800, 1), fit_axes=(2,), bf16=use_bf16, channels_last=channels_last
+            )
+            inference.progress = False
+            seconds = []
+            for _ in range(repeats + 1):  # the first run warms up
+                out = REPO / "runs" / "inference_speed" / f"bf16_{layout}_{name}.zarr"
+                _remove(out)
+                seconds.append(_timed(lambda: inference(volume, out))[1])
+            pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
+            results.setdefault(layout, {})[name] = {
+                "seconds": round(min(seconds[1:]), 2),
+                **_validation_miou(pred, labels, parser),
+            }
+        result = results[layout]
+        result["speed_up"] = round(result["float32"]["seconds"] / result["bfloat16"]["seconds"], 2)
+        result["miou_all_change"] = round(result["bfloat16"]["miou_all"] - result["float32"]["miou_all"], 4)
+    return {
+        "model": "models/model.pt (configs/inference.json network)",
+        "window": window,
+        **results,
+        "paper_size_forward": _paper_size_bf16(paper_window),
+    }
+
+
+def _paper_size_bf16(window: tuple) -> dict:
+    """Forward seconds of the paper-size network (random weights) on one channels-last window, float32 and bf16."""
+    torch.manual_seed(0)
+    network = to_channels_last_3d(HybridUNet2D3D(out_channels=7, features=64).eval())
+    batch = torch.randn(1, 1, *window).contiguous(memory_format=torch.channels_last_3d)
+    seconds = {}
+    with torch.inference_mode():
+        for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                network(batch[..., :5])  # warm-up
+                seconds[name] = round(_timed(lambda: network(batch))[1], 2)
+    return {"window": list(window), "seconds": seconds, "speed_up": round(seconds["float32"] / seconds["bfloat16"], 2)}
 
 
 def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
