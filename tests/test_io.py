@@ -11,10 +11,12 @@ from monai.transforms import LoadImage
 import scripts.io
 from scripts.io import (
     SaveVolumed,
+    atomic_path,
     load_class_schema,
     load_datalist,
     output_path,
     volume_suffix,
+    write_csv_atomically,
     write_volume_atomically,
 )
 from scripts.transforms import AddSectionAxisd
@@ -116,3 +118,15 @@ def test_mha_round_trip_keeps_spacing_and_order(tmp_path):
     written = itk.imread(str(tmp_path / "out" / "vol_seg.mha"))
     np.testing.assert_array_equal(itk.GetArrayFromImage(written), pages)
     np.testing.assert_allclose(tuple(written.GetSpacing()), (4.0, 5.0, 50.0))
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "metrics.csv"
+    write_csv_atomically([{"class": "cell", "iou": 0.75}], target)
+    assert target.read_text().splitlines() == ["class,iou", "cell,0.75"]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.suffix == ".csv" and tmp.parent == tmp_path  # beside the target, same suffix for writers
+        tmp.write_text("half-writ")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text().splitlines() == ["class,iou", "cell,0.75"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"], "no temporary file left"

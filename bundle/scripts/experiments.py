@@ -42,6 +42,8 @@ matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import monai.bundle  # noqa: E402
 
+from scripts.io import atomic_path, write_csv_atomically  # noqa: E402
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 BASE_VARIANT = "hybrid"
 # the paper's names of its architectures (Table 1); other variants are listed under their file name
@@ -82,18 +84,8 @@ def variant_files(variant: str, recipe: Sequence[str] = ()) -> list[str]:
 
 def write_json_atomically(data: dict, path: Path) -> None:
     """Write JSON through a temporary name, so that a killed run never leaves a half-written result."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def _write_csv_atomically(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def count_parameters(config_files: Sequence[str], overrides: dict) -> int:
@@ -345,7 +337,7 @@ def write_tables(workdir: str | Path, results: dict) -> str:
     workdir = Path(workdir)
     rows = table1_rows(results)
     columns = ["section", "name", "eval_miou_all", "eval_miou_org", "organelles_found"]
-    _write_csv_atomically([{c: r[c] for c in columns} for r in rows], workdir / "table1.csv")
+    write_csv_atomically([{c: r[c] for c in columns} for r in rows], workdir / "table1.csv")
     table1 = _markdown(rows, columns, ["", "network", "Eval MIoU(all)", "Eval MIoU(org)", "organelles found"])
     distribution = [
         {
@@ -362,9 +354,8 @@ def write_tables(workdir: str | Path, results: dict) -> str:
         distribution, ["name", "n", "mean", "sd", "min", "max"], ["network", "instances", "mean", "sd", "min", "max"]
     )
     markdown = f"## Table 1\n\n{table1}\n\n## Eval MIoU(all) over instances (Figure 4)\n\n{spread}\n"
-    tmp = workdir / ".table1.md.partial"
-    tmp.write_text(markdown)
-    os.replace(tmp, workdir / "table1.md")
+    with atomic_path(workdir / "table1.md") as tmp:
+        tmp.write_text(markdown)
 
     per_class = []
     for row in rows:
@@ -382,12 +373,11 @@ def write_tables(workdir: str | Path, results: dict) -> str:
                     **{k: objects.get(k, "") for k in ("gt_objects", "found", "missed", "under_detected")},
                 }
             )
-    _write_csv_atomically(per_class, workdir / "per_class.csv")
+    write_csv_atomically(per_class, workdir / "per_class.csv")
     per_class_columns = ["network", "class", "f1", "precision", "recall", "gt_objects", "found", "missed"]
     header = ["network", "class", "F1", "precision", "recall", "objects", "found", "missed"]
-    tmp = workdir / ".per_class.md.partial"
-    tmp.write_text(_markdown(per_class, per_class_columns, header) + "\n")
-    os.replace(tmp, workdir / "per_class.md")
+    with atomic_path(workdir / "per_class.md") as tmp:
+        tmp.write_text(_markdown(per_class, per_class_columns, header) + "\n")
 
     instances = [
         {
@@ -403,7 +393,7 @@ def write_tables(workdir: str | Path, results: dict) -> str:
         for v, e in results.items()
         for rank, r in enumerate(e["instances"], start=1)
     ]
-    _write_csv_atomically(instances, workdir / "instances.csv")
+    write_csv_atomically(instances, workdir / "instances.csv")
     save_histogram(results, workdir / "miou_histogram.png")
     print(markdown)
     return table1
@@ -428,10 +418,9 @@ def save_histogram(results: dict, path: Path, bins: int = 10) -> Path:
     axes.set_title("Per-instance eval MIoU(all) by architecture")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, path)
     return path
 
 

@@ -9,9 +9,11 @@ order again, so a TIFF written by the bundle has the same page layout as the TIF
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,31 @@ def output_path(
     source_suffix = volume_suffix(source)
     stem = Path(source).name[: -len(source_suffix)]
     return Path(output_dir) / f"{stem}_{postfix}{suffix or source_suffix}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` (same suffix, so writers that pick a format by it still do) to write to.
+
+    It is renamed onto ``path`` when the ``with`` block ends, and removed if the block raises: a crash or kill leaves
+    the previous complete file or none, never a half-written one. The writer creates the file itself, so it gets the
+    umask's permissions.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv_atomically(rows: Sequence[Mapping], path: str | os.PathLike) -> None:
+    """Write ``rows`` (dicts with the same keys, the first one's order) as CSV through ``atomic_path``."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_volume_atomically(array: torch.Tensor | np.ndarray, meta: Mapping, path: str | os.PathLike, dtype) -> Path:

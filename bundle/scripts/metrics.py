@@ -6,7 +6,6 @@ left out of the means, rather than counted as 0 or 1.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.transforms import LoadImage
 
-from scripts.io import load_datalist, output_path
+from scripts.io import atomic_path, load_datalist, output_path, write_csv_atomically
 from scripts.objects import describe, missed_object_mask, object_report
 from scripts.pictures import save_comparison_png
 from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd
@@ -270,11 +269,10 @@ class SegmentationReport:
             self._draw(volume, name)
         rows.extend(self._class_rows(total, "ALL"))
         summary = {"volumes": volumes, "mean": self._summary(total, name="ALL"), "objects": objects}
-        self._write_csv(rows, self.output_dir / "metrics.csv")
-        self._write_csv(objects, self.output_dir / "objects.csv")
-        tmp = self.output_dir / ".metrics.json.partial"
-        tmp.write_text(json.dumps(summary, indent=4))
-        os.replace(tmp, self.output_dir / "metrics.json")
+        write_csv_atomically(rows, self.output_dir / "metrics.csv")
+        write_csv_atomically(objects, self.output_dir / "objects.csv")
+        with atomic_path(self.output_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=4))
         print(format_table(rows, ["volume", "class", "iou", "dice", "precision", "recall"]))
         print(format_table(volumes + [summary["mean"]], ["volume", "miou_all", "miou_org"]))
         columns = ["volume", "class", "gt_objects", "found", "missed", "under_detected", "pred_objects"]
@@ -330,12 +328,3 @@ class SegmentationReport:
             {"volume": volume, "class": name, **{k: float(v[i]) for k, v in scores.items()}}
             for i, name in enumerate(self.class_names)
         ]
-
-    @staticmethod
-    def _write_csv(rows: list[dict], path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from scripts.io import atomic_path  # noqa: E402
 from scripts.objects import mask_outline  # noqa: E402
 
 # distinct colours for up to 10 classes; class 0 (background) is transparent-looking black
@@ -77,8 +78,7 @@ def save_comparison_png(
     fig.tight_layout(rect=(0, 0.1, 1, 0.92))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -27,6 +27,8 @@ import fire
 import torch
 import yaml
 
+from scripts.io import atomic_path
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
 RECIPE = ["configs/train.json", "configs/variants/pretrained_platelet.json"]
@@ -44,9 +46,8 @@ def _bundle(*args: str) -> None:
 
 def _replace(source: Path, destination: Path) -> None:
     """Copy through a temporary name and an atomic rename."""
-    tmp = destination.with_name(f".{destination.name}.partial")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, destination)
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_large_files(paths: list[str]) -> Path:
@@ -56,7 +57,8 @@ def write_large_files(paths: list[str]) -> Path:
         digest = hashlib.sha256((BUNDLE_ROOT / relative).read_bytes()).hexdigest()
         entries.append({"path": relative, "hash_val": digest, "hash_type": "sha256"})
     listing = BUNDLE_ROOT / "large_files.yml"
-    listing.write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
+    with atomic_path(listing) as tmp:
+        tmp.write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
     return listing
 
 
@@ -119,9 +121,8 @@ def main(workdir: str = "../runs/release", train: bool = True, data_dir: str | N
         "objects": metrics["objects"],
         "picture": str(PICTURE.relative_to(BUNDLE_ROOT)),
     }
-    tmp = RESULTS.with_name(f".{RESULTS.name}.partial")
-    tmp.write_text(json.dumps(results, indent=4) + "\n")
-    os.replace(tmp, RESULTS)
+    with atomic_path(RESULTS) as tmp:
+        tmp.write_text(json.dumps(results, indent=4) + "\n")
     mean = metrics["mean"]
     print(f"\nshipped: {', '.join(SHIPPED)}; figures: {RESULTS}; picture: {PICTURE}")
     print(f"validation MIoU(all) {mean['miou_all']:.4f}, MIoU(org) {mean['miou_org']:.4f}")
