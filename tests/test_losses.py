@@ -125,3 +125,42 @@ def test_shape_errors():
     two_d = WeightedCrossEntropyLoss(spatial_dims=2)
     logits, cls = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 1, 4, 4))
     torch.testing.assert_close(two_d(logits, cls), F.cross_entropy(logits, cls[:, 0]))
+
+
+def test_dice_ce_equals_monai_dice_ce_on_one_head():
+    from monai.losses import DiceCELoss as MonaiDiceCELoss
+
+    from scripts.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 5, 3)
+    labels = torch.randint(0, 4, (2, 1, 6, 5, 3)).float()
+    ours = DiceCELoss()(logits, labels)
+    reference = MonaiDiceCELoss(to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    assert ours.item() == pytest.approx(reference(logits, labels).item(), rel=1e-5)
+
+
+def test_dice_ce_heads_weight_map_and_ignore():
+    from scripts.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    heads = torch.randn(2, 2, 3, 6, 5, 1, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 6, 5, 1)).float()
+    weight = torch.rand(2, 1, 6, 5, 1) * 3
+    target = torch.cat([labels, weight], dim=1)
+    loss = DiceCELoss(head_weights=(1.0, 0.33))
+    both = loss(heads, target)
+    assert both.item() == pytest.approx(
+        loss(heads[:, 0], labels).item() + 0.33 * loss(heads[:, 1], labels).item(), rel=1e-5
+    )  # the weight channel is left unused without use_weight_map
+    weighted = DiceCELoss(head_weights=(1.0, 0.33), use_weight_map=True)(heads, target)
+    assert weighted.item() != pytest.approx(both.item())
+    both.backward()
+    assert heads.grad is not None and torch.isfinite(heads.grad).all()
+    # ignored voxels change nothing, whatever their logits
+    ignoring = DiceCELoss(ignore_index=255)
+    masked = labels.clone()
+    masked[:, :, :3] = 255
+    changed = heads.detach()[:, 0].clone()
+    changed[:, :, :3] = 100.0
+    assert ignoring(heads.detach()[:, 0], masked).item() == pytest.approx(ignoring(changed, masked).item(), rel=1e-6)
