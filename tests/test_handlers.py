@@ -1,5 +1,9 @@
+import json
+import time
 from types import SimpleNamespace
 
+import pytest
+import torch
 from ignite.engine import Engine
 
 from scripts.handlers import MinimumMetricStopper, ValidateAtEnd
@@ -42,3 +46,46 @@ def test_validate_at_end_only_when_the_last_step_was_not_validated():
         ValidateAtEnd(validator, interval).attach(trainer)
         trainer.run([0] * iterations, max_epochs=1)
         assert validator.runs == expected
+
+
+def test_time_limit_stops_after_the_budget_and_summary_says_so(tmp_path, monkeypatch):
+    from scripts import handlers
+
+    clock = iter(range(0, 10**6, 30))  # every call to the clock moves 30 s on
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: float(next(clock)))
+    trainer, data = _trainer(epochs=100)
+    limit = handlers.TimeLimit(max_minutes=2)
+    limit.attach(trainer)
+    handlers.TrainingSummary(str(tmp_path / "out" / "summary.json"), limit).attach(trainer)
+    trainer.run(data, max_epochs=100)
+    assert 1 < trainer.state.iteration < 10
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == trainer.state.iteration and summary["stopped_by"] == "max_minutes"
+
+
+def test_time_limit_none_never_stops():
+    from scripts.handlers import TimeLimit
+
+    trainer, data = _trainer(epochs=3)
+    TimeLimit(max_minutes=None).attach(trainer)
+    trainer.run(data, max_epochs=3)
+    assert trainer.state.iteration == 6
+
+
+def test_warmup_poly_rises_then_decays_to_zero_by_steps_or_by_time():
+    from scripts.handlers import TimeLimit, WarmupPolyLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = WarmupPolyLR(optimizer, warmup_steps=10, power=0.9, min_factor=0.0)
+    factors = [schedule.factor(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1 * (1.0) ** 0.9) and factors[9] > factors[0]
+    assert max(factors) == factors[9] and factors[-1] < 0.05
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    limit = TimeLimit(max_minutes=1.0)
+    limit.start = time.monotonic() - 45.0  # three quarters of the budget spent
+    timed = WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, time_limit=limit, min_factor=0.0)
+    assert timed.factor(step=1, total_steps=1000) == pytest.approx(0.25, abs=0.01)
+    trainer, data = _trainer(epochs=1, iterations_per_epoch=4)
+    WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, min_factor=0.0).attach(trainer)
+    trainer.run(data, max_epochs=1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)  # set before the 4th of 4 steps

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
+
+from scripts.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +65,120 @@ class ValidateAtEnd:
     def __call__(self, trainer: Engine) -> None:
         if trainer.state.iteration % self.interval != 0:
             self.validator.run(trainer.state.epoch)
+
+
+class TimeLimit:
+    """Stop training after ``max_minutes`` of wall-clock time (validation included), at the end of a step.
+
+    Ignite then fires ``COMPLETED``: :class:`ValidateAtEnd` scores the last weights and the checkpoint savers keep
+    the best and the last model, exactly as at the end of a run that reached ``max_epochs``.
+
+    Args:
+        max_minutes: the budget in minutes; ``None`` or a value <= 0 means no limit.
+    """
+
+    def __init__(self, max_minutes: float | None) -> None:
+        self.max_seconds = None if max_minutes is None or max_minutes <= 0 else float(max_minutes) * 60.0
+        self.start: float | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def started(self, trainer: Engine) -> None:
+        self.start = time.monotonic()
+
+    def elapsed_fraction(self) -> float:
+        """Share of the budget spent so far (0 without a limit or before the start)."""
+        if self.max_seconds is None or self.start is None:
+            return 0.0
+        return (time.monotonic() - self.start) / self.max_seconds
+
+    def __call__(self, trainer: Engine) -> None:
+        if self.elapsed_fraction() >= 1.0:
+            logger.warning(
+                f"stopping: time limit of {self.max_seconds / 60:g} min reached after {trainer.state.iteration} steps"
+            )
+            trainer.terminate()
+
+
+class WarmupPolyLR:
+    """Linear warm-up then polynomial decay, ``lr = base_lr * (1 - progress) ** power``, set before every step.
+
+    ``progress`` is the larger of the share of steps done (of ``max_epochs * epoch_length``) and the share of the
+    time budget spent (from a :class:`TimeLimit`), so the rate reaches zero when training ends by either limit:
+    a run cut short by ``--max_minutes`` still ends with a fully decayed learning rate.
+
+    Args:
+        optimizer: its groups' ``lr`` at construction are the base rates.
+        warmup_steps: steps of linear warm-up from ``base_lr / warmup_steps``.
+        power: exponent of the decay (nnU-Net's 0.9).
+        time_limit: the run's :class:`TimeLimit`, if any.
+        min_factor: the rate never falls below ``min_factor * base_lr``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 50,
+        power: float = 0.9,
+        time_limit: TimeLimit | None = None,
+        min_factor: float = 0.01,
+    ) -> None:
+        self.optimizer = optimizer
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.power = float(power)
+        self.time_limit = time_limit
+        self.min_factor = float(min_factor)
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """The multiplier of the base rates at (0-based) ``step``."""
+        progress = step / max(total_steps, 1)
+        if self.time_limit is not None:
+            progress = max(progress, self.time_limit.elapsed_fraction())
+        decay = max(1.0 - min(progress, 1.0), 0.0) ** self.power
+        warmup = min((step + 1) / self.warmup_steps, 1.0) if self.warmup_steps else 1.0
+        return max(warmup * decay, self.min_factor)
+
+    def __call__(self, trainer: Engine) -> None:
+        total = (trainer.state.max_epochs or 1) * (trainer.state.epoch_length or 1)
+        factor = self.factor(trainer.state.iteration - 1, total)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+
+class TrainingSummary:
+    """Write ``{"steps", "epochs", "seconds", "stopped_by"}`` as JSON when training ends, for reports and studies.
+
+    Args:
+        path: the JSON file (written through a temporary name).
+        time_limit: the run's :class:`TimeLimit`, to tell a stop by the time budget from the end of the epochs.
+    """
+
+    def __init__(self, path: str, time_limit: TimeLimit | None = None) -> None:
+        self.path = path
+        self.time_limit = time_limit
+        self.start = 0.0
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.started)
+        trainer.add_event_handler(Events.COMPLETED, self)
+
+    def started(self, trainer: Engine) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, trainer: Engine) -> None:
+        out_of_time = self.time_limit is not None and self.time_limit.elapsed_fraction() >= 1.0
+        summary = {
+            "steps": trainer.state.iteration,
+            "epochs": trainer.state.epoch,
+            "seconds": round(time.monotonic() - self.start, 1),
+            "stopped_by": "max_minutes" if out_of_time else "max_epochs",
+        }
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
