@@ -88,3 +88,25 @@ def test_real_single_page_becomes_depth_one_volume():
     volume = AddSectionAxisd("image", section_thickness=50.0)({"image": loaded})["image"]
     assert volume.shape == (1, 800, 800, 1)
     assert float(volume.affine[2, 2]) == 50.0
+
+
+def test_class_frequency_sampler_shares_follow_the_power_of_the_counts():
+    from monai.transforms import ClassesToIndicesd
+
+    from scripts.transforms import RandCropByClassFrequencyd
+
+    label = torch.zeros(1, 64, 64, 1)
+    label[0, :8, :8] = 1  # 64 voxels of class 1 against 4032 of class 0; class 2 absent
+    data = ClassesToIndicesd("label", num_classes=3, indices_postfix="_idx")({"label": label, "image": label.clone()})
+    centres = {}
+    for power in (0.0, 0.5, 1.0):
+        sampler = RandCropByClassFrequencyd(
+            ["image", "label"], "label", [4, 4, 1], num_classes=3, indices_key="label_idx", num_samples=400, power=power
+        )
+        sampler.set_random_state(0)
+        windows = sampler(data)
+        centres[power] = np.mean([float(w["label"].max()) for w in windows])  # share of windows on class 1
+        assert all(w["label"].shape == (1, 4, 4, 1) for w in windows)
+    expected = {0.0: 0.5, 0.5: 8 / (8 + 4032**0.5), 1.0: 64 / 4096}
+    for power, share in centres.items():
+        assert abs(share - expected[power]) < 0.06, (power, share, expected[power])

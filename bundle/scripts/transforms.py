@@ -1,4 +1,5 @@
-"""Dictionary transforms MONAI lacks for EM volumes: section axis, spacing override, regions, input checks."""
+"""Dictionary transforms MONAI lacks for EM volumes: section axis, spacing override, regions, input checks, window
+sampling by class frequency."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, SpatialCrop
+from monai.transforms import MapTransform, RandCropByLabelClassesd, SpatialCrop
 
 logger = logging.getLogger(__name__)
 
@@ -195,3 +196,50 @@ class ValidateVolumed(MapTransform):
                         + (f" and ignore index {self.ignore_index}" if self.ignore_index is not None else "")
                     )
         return d
+
+
+class RandCropByClassFrequencyd(RandCropByLabelClassesd):
+    """MONAI's class-balanced window sampler with each class's share set by its frequency: ``ratio_c ∝ n_c ** power``.
+
+    ``power`` 0 gives every class present the same share of window centres (MONAI's default, which makes a class of
+    a few hundred voxels as common in training as the background and teaches the network to predict it where it is
+    absent); 1 gives uniformly random centres; in between, rare classes are drawn much more often than their
+    frequency but less than the common ones. Counts come from the precomputed per-class voxel indices
+    (``ClassesToIndicesd`` without ``max_samples_per_class``, under ``indices_key``).
+
+    Args:
+        keys, label_key, spatial_size, num_classes, num_samples, indices_key, allow_smaller: as
+            ``RandCropByLabelClassesd``.
+        power: exponent of the class counts.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str,
+        spatial_size: Sequence[int] | int,
+        num_classes: int,
+        indices_key: str,
+        num_samples: int = 1,
+        power: float = 0.5,
+        allow_smaller: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(
+            keys,
+            label_key,
+            spatial_size,
+            num_classes=num_classes,
+            num_samples=num_samples,
+            indices_key=indices_key,
+            allow_smaller=allow_smaller,
+            allow_missing_keys=allow_missing_keys,
+            warn=False,
+        )
+        self.power = float(power)
+        self.indices_key = indices_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> list[dict]:
+        counts = [len(indices) for indices in data[self.indices_key]]
+        self.cropper.ratios = [float(n) ** self.power if n > 0 else 0.0 for n in counts]
+        return super().__call__(data, lazy=lazy)
