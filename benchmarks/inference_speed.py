@@ -184,8 +184,7 @@ def _validation_miou(pred: np.ndarray, labels: np.ndarray, parser: ConfigParser)
 def equal_accuracy(window: tuple, overlap: float) -> dict:
     """The shipped model on the real slice: MONAI's sliding window with its training window vs block-wise."""
     network, parser = _shipped_model()
-    recipe = json.loads((BUNDLE / "configs" / "variants" / "pretrained_platelet.json").read_text())
-    train_window = recipe["train_window"]  # the shipped model's (256, 256, 1)
+    train_window = parser["infer_window"]  # the shipped model's training window (256, 256, 1)
     image, labels = _platelet_stack(1)
     normalised = torch.from_numpy((image - image.mean()) / image.std()).float()[None, None]
     monai_default = SlidingWindowInferer(train_window, sw_batch_size=1, overlap=0.25, mode="gaussian")

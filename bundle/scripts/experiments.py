@@ -114,6 +114,7 @@ def read_evaluation(eval_dir: Path) -> dict:
     return {
         "miou_all": summary["mean"]["miou_all"],
         "miou_org": summary["mean"]["miou_org"],
+        "pixel_error": summary["mean"].get("pixel_error"),
         "per_class": per_class,
         "objects": objects,
     }
@@ -134,6 +135,9 @@ class ExperimentRunner:
         ensemble_sizes: the k of the top-k ensembles evaluated per variant (those with k above the number of
             instances are skipped).
         ensemble_mode: ``mean`` of the softmax (the paper) or majority ``vote``.
+        dataset_files: config files of a data set (its datalist, classes and spacing, e.g.
+            ``configs/variants/drosophila_vnc.json``), applied before each variant's file (which may override the
+            spacing) in training and inference, and in evaluation.
     """
 
     def __init__(
@@ -146,8 +150,10 @@ class ExperimentRunner:
         dataset_dir: str = "../../shared/data",
         ensemble_sizes: Sequence[int] = (2, 3, 4),
         ensemble_mode: str = "mean",
+        dataset_files: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.dataset_files = [dataset_files] if isinstance(dataset_files, str) else list(dataset_files)
         self.recipe = [recipe] if isinstance(recipe, str) else list(recipe)
         self.overrides = dict(overrides or {})
         self.variant_overrides = dict(variant_overrides or {})
@@ -164,6 +170,9 @@ class ExperimentRunner:
         self.ensemble_mode = ensemble_mode
         self.trained = 0
 
+    def _files(self, variant: str) -> list[str]:
+        return variant_files(variant, [*self.recipe, *self.dataset_files])
+
     def _overrides(self, variant: str) -> dict:
         return {**self.overrides, **self.variant_overrides.get(variant, {})}
 
@@ -171,7 +180,7 @@ class ExperimentRunner:
         eval_dir = out_dir / "eval"
         monai.bundle.run(
             "inference",
-            config_file=["configs/inference.json", *variant_files(variant, self.recipe), *extra_files],
+            config_file=["configs/inference.json", *self._files(variant), *extra_files],
             output_dir=str(eval_dir),
             **self.common,
             **self._overrides(variant),
@@ -179,7 +188,7 @@ class ExperimentRunner:
         )
         monai.bundle.run(
             "evaluating",
-            config_file=["configs/evaluate.json"],
+            config_file=["configs/evaluate.json", *self.dataset_files],
             prediction_dir=str(eval_dir),
             output_dir=str(eval_dir),
             **self.common,
@@ -190,7 +199,7 @@ class ExperimentRunner:
         """Train, infer and evaluate one instance, unless its ``result.json`` exists; return that result."""
         out_dir = self.workdir / variant / f"seed{seed:03d}"
         result_file = out_dir / "result.json"
-        train_files = ["configs/train.json", *variant_files(variant, self.recipe)]
+        train_files = ["configs/train.json", *self._files(variant)]
         settings = {"config_files": train_files, "overrides": self._overrides(variant), **self.common}
         if result_file.is_file():
             result = json.loads(result_file.read_text())
@@ -215,6 +224,8 @@ class ExperimentRunner:
             **self._overrides(variant),
         )
         train_seconds = time.time() - start
+        summary_file = out_dir / "train" / "training_summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         checkpoint = out_dir / "models" / "model.pt"
         scores = self._infer_and_evaluate(variant, out_dir, [], {"ckpt_path": str(checkpoint)})
         result = {
@@ -223,6 +234,7 @@ class ExperimentRunner:
             "parameters": count_parameters(train_files, self._overrides(variant)),
             "checkpoint": str(checkpoint),
             "train_seconds": round(train_seconds, 1),
+            "steps": summary.get("steps"),
             "settings": settings,
             **scores,
         }

@@ -318,6 +318,8 @@ class SegmentationReport:
             "volume": name,
             "miou_all": mean_iou(cm),
             "miou_org": mean_iou(cm, self.organelle_classes),
+            # the ISBI 2012 challenge's pixel error: share of labelled voxels given the wrong class
+            "pixel_error": float(1.0 - cm.diagonal().sum() / cm.sum().clamp(min=1)),
             "iou": dict(zip(self.class_names, map(float, scores["iou"]))),
             "dice": dict(zip(self.class_names, map(float, scores["dice"]))),
         }
