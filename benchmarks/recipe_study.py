@@ -1,0 +1,316 @@
+"""Recipe study: which training recipe learns organelles fastest on a CPU, on four real EM data sets.
+
+Every arm is a variant file trained for the same wall-clock budget (``--max_minutes``) and evaluated on each data
+set's validation split, through the experiment runner (``scripts.experiments.ExperimentRunner``), so an arm is a
+plain ``python -m monai.bundle run training --config_file "['configs/train.json', <arm>, <data set>]"``:
+
+- ``hybrid``: ``configs/train.json`` alone, the bundle's default recipe;
+- ``monai_unet_baseline``: plain MONAI (2D ``UNet``, ``DiceCELoss``, random windows, Adam 1e-3);
+- ``paper_recipe``: the paper's exact recipe (``configs/variants/paper_recipe.json``);
+- ``study/<name>``: one factor changed from the default (``configs/variants/study/<name>.json``).
+
+Arms run ``--workers`` at a time, one thread each, so that every arm meets the same machine. It resumes: a finished
+(data set, arm, seed) is not trained again. Writes, under ``--output`` (default ``benchmarks/results``):
+``recipe_study.json`` (every instance, with the CPU model and flags, the commit and library versions),
+``recipe_study_<data set>.md/.csv`` (one table per data set) and ``recipe_study_summary.md/.csv/.png``.
+
+Usage (from the repository root)::
+
+    python benchmarks/recipe_study.py run --datasets "['platelet','drosophila_vnc']" \\
+        --arms "['hybrid','monai_unet_baseline','study/norm_batch']" --seeds 2 --max_minutes 5
+    python benchmarks/recipe_study.py tables
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+sys.path.insert(0, str(BUNDLE))
+from scripts.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
+from scripts.io import atomic_path, write_csv_atomically  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+#: data set -> (datalist, data set variant file, a file that must exist under the data directory)
+DATASETS = {
+    "platelet": ("configs/datalists/platelet.json", None, "platelet/50-slice0-image.tif"),
+    "isbi2012": ("configs/datalists/isbi2012.json", "configs/variants/isbi2012.json", "isbi2012/images.tif"),
+    "drosophila_vnc": (
+        "configs/datalists/drosophila_vnc.json",
+        "configs/variants/drosophila_vnc.json",
+        "drosophila_vnc/images.tif",
+    ),
+    "cdeep3m_mito": (
+        "configs/datalists/cdeep3m_mito.json",
+        "configs/variants/cdeep3m_mito.json",
+        "cdeep3m_mito/images.tif",
+    ),
+}
+BASELINE = "monai_unet_baseline"
+DEFAULT_ARMS = [BASE_VARIANT, BASELINE, "paper_recipe"]
+
+
+def arm_name(arm: str) -> str:
+    return "default" if arm == BASE_VARIANT else arm.replace("study/", "")
+
+
+def _runner(dataset: str, workdir: Path, data_dir: Path, max_minutes: float) -> ExperimentRunner:
+    datalist, variant, _ = DATASETS[dataset]
+    return ExperimentRunner(
+        str(workdir / dataset),
+        # the time budget alone ends training (max_epochs out of reach), and validation comes once, at the end
+        overrides={"max_minutes": max_minutes, "max_epochs": 10**6, "val_interval": 10**9},
+        datalist=datalist,
+        dataset_dir=str(data_dir),
+        dataset_files=[variant] if variant else [],
+        ensemble_sizes=[],
+    )
+
+
+def _jobs(datasets: Sequence[str], arms: Sequence[str], seeds: int) -> list[tuple[str, str, int]]:
+    return [(d, a, s) for s in range(seeds) for d in datasets for a in arms]
+
+
+def _available(datasets: Sequence[str], data_dir: Path) -> list[str]:
+    found = []
+    for dataset in datasets:
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown data set '{dataset}'; known: {sorted(DATASETS)}")
+        if (data_dir / DATASETS[dataset][2]).is_file():
+            found.append(dataset)
+        else:
+            print(f"SKIPPED {dataset}: {data_dir / DATASETS[dataset][2]} not found (it lives in ../shared/data)")
+    return found
+
+
+def worker(
+    index: int,
+    workers: int,
+    datasets: Sequence[str],
+    arms: Sequence[str],
+    seeds: int,
+    max_minutes: float,
+    workdir: str,
+    data_dir: str,
+) -> None:
+    """Train and evaluate this worker's share of the jobs (every ``workers``-th one from ``index``)."""
+    os.chdir(BUNDLE)  # config paths are relative to the bundle root, as with `python -m monai.bundle run`
+    for n, (dataset, arm, seed) in enumerate(_jobs(datasets, arms, seeds)):
+        if n % workers == index:
+            _runner(dataset, Path(workdir), Path(data_dir), max_minutes).train_instance(arm, seed)
+
+
+def run(
+    datasets: Sequence[str] = tuple(DATASETS),
+    arms: Sequence[str] = tuple(DEFAULT_ARMS),
+    seeds: int = 2,
+    max_minutes: float = 5.0,
+    workers: int = 2,
+    workdir: str = "runs/recipe_study",
+    data_dir: str | None = None,
+    output: str = "benchmarks/results",
+) -> None:
+    """Train every (data set, arm, seed) for ``max_minutes``, ``workers`` at a time, then write the tables.
+
+    Args:
+        datasets: names of ``DATASETS``; those absent from ``data_dir`` are skipped with a message.
+        arms: ``hybrid`` (the default recipe) or variant names (``monai_unet_baseline``, ``study/norm_batch``).
+        seeds: seeds per arm and data set.
+        max_minutes: training budget of every arm (validation at the end comes on top).
+        workers: arms trained at once, one thread each (this machine's cores).
+        workdir: the study's runs, per budget (``<workdir>/<max_minutes>min/<data set>/<arm>/seed<k>``).
+        data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
+        output: where the tables and JSON go.
+    """
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    arms = [arms] if isinstance(arms, str) else list(arms)
+    os.chdir(BUNDLE)
+    for arm in arms:  # a misspelt arm fails now, not after hours of training
+        variant_files(arm)
+    os.chdir(REPO)
+    data_path = Path(data_dir).resolve() if data_dir else SHARED_DATA.resolve()
+    datasets = _available(datasets, data_path)
+    budget_dir = (REPO / workdir / f"{max_minutes:g}min").resolve()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.time()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", str(k), str(workers), json.dumps(datasets), json.dumps(arms)]
+            + [str(seeds), str(max_minutes), str(budget_dir), str(data_path)],
+            env=env,
+        )
+        for k in range(workers)
+    ]
+    failed = [p.args for p in processes if p.wait() != 0]
+    print(f"study part done in {(time.time() - start) / 60:.1f} min")
+    tables(workdir, output)
+    if failed:
+        raise RuntimeError(f"{len(failed)} worker(s) failed; finished instances are kept, rerun to resume")
+
+
+def _collect(workdir: Path) -> list[dict]:
+    results = []
+    for result_file in sorted(workdir.glob("*min/*/**/seed*/result.json")):
+        result = json.loads(result_file.read_text())
+        relative = result_file.relative_to(workdir).parts
+        result["budget_minutes"] = float(relative[0].removesuffix("min"))
+        result["dataset"] = relative[1]
+        results.append(result)
+    return results
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # NaN: a class absent from labels and predictions
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.3f}"
+    return str(value)
+
+
+def _markdown(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rows(results: list[dict]) -> list[dict]:
+    """One row per (budget, data set, arm): means over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["budget_minutes"], r["dataset"], r["variant"]), []).append(r)
+    rows = []
+    for (budget, dataset, arm), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        all_scores = [r["miou_all"] for r in runs]
+        row = {
+            "budget_min": f"{budget:g}",
+            "dataset": dataset,
+            "arm": arm_name(arm),
+            "seeds": len(runs),
+            "miou_all": _mean(all_scores),
+            "miou_all_sd": statistics.stdev(all_scores) if len(runs) > 1 else 0.0,
+            "miou_org": _mean([r["miou_org"] for r in runs]),
+            "pixel_error": _mean([r["pixel_error"] for r in runs if r.get("pixel_error") is not None]),
+        }
+        for name in runs[0]["per_class"]:
+            row[f"iou {name}"] = _mean([r["per_class"][name]["iou"] for r in runs])
+        found = sum(c["found"] for r in runs for c in r["objects"].values())
+        total = sum(c["gt_objects"] for r in runs for c in r["objects"].values())
+        missed = sum(c["missed"] for r in runs for c in r["objects"].values())
+        row["objects found"] = f"{found / len(runs):g} of {total / len(runs):g}"
+        row["objects missed"] = f"{missed / len(runs):g}"
+        steps = [r.get("steps") for r in runs if r.get("steps") is not None]
+        row["steps"] = round(statistics.fmean(steps)) if steps else "n/a"
+        row["minutes"] = round(statistics.fmean(r["train_seconds"] for r in runs) / 60, 1)
+        rows.append(row)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["budget_min"], r["dataset"]) for r in rows})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+    for ax, (budget, dataset) in zip(axes[0], panels):
+        subset = [r for r in rows if (r["budget_min"], r["dataset"]) == (budget, dataset)]
+        subset.sort(key=lambda r: r["miou_org"])
+        names = [r["arm"] for r in subset]
+        ax.barh(names, [r["miou_org"] for r in subset], color="tab:orange", label="MIoU(org)")
+        ax.plot([r["miou_all"] for r in subset], names, "k|", markersize=14, label="MIoU(all)")
+        ax.set_title(f"{dataset}, {budget} min")
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=90)
+    plt.close(figure)
+
+
+def _environment() -> dict:
+    """CPU model and flags, commit and library versions: a figure is tied to the code and machine that printed it."""
+    import monai
+    import torch
+
+    flags = ""
+    model = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1]
+                break
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2", "fma")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": model,
+        "cpu_flags": [f for f in wanted if f in flags.split()],
+        "cpus": os.cpu_count(),
+        "commit": commit,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
+    }
+
+
+def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results") -> None:
+    """Write and print the per-data-set tables, the summary and the plot from the finished instances."""
+    results = _collect((REPO / workdir).resolve())
+    if not results:
+        raise FileNotFoundError(f"no finished instance under {REPO / workdir}")
+    rows = _rows(results)
+    out = (REPO / output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    printed = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        subset = [r for r in rows if r["dataset"] == dataset]
+        write_csv_atomically(subset, out / f"recipe_study_{dataset}.csv")
+        text = f"## {dataset}\n\n{_markdown(subset)}\n"
+        with atomic_path(out / f"recipe_study_{dataset}.md") as tmp:
+            tmp.write_text(text)
+        printed.append(text)
+    summary = []
+    for row in rows:
+        base = [
+            r
+            for r in rows
+            if (r["budget_min"], r["dataset"], r["arm"]) == (row["budget_min"], row["dataset"], BASELINE)
+        ]
+        beats = "n/a"
+        if base and row["arm"] != BASELINE:
+            won = row["miou_all"] > base[0]["miou_all"] and row["miou_org"] > base[0]["miou_org"]
+            beats = "yes" if won else "no"
+        summary.append(
+            {k: row[k] for k in ("budget_min", "dataset", "arm", "seeds", "miou_all", "miou_org", "steps")}
+            | {"beats plain MONAI on both": beats}
+        )
+    write_csv_atomically(summary, out / "recipe_study_summary.csv")
+    summary_text = f"## Summary (means over seeds)\n\n{_markdown(summary)}\n"
+    with atomic_path(out / "recipe_study_summary.md") as tmp:
+        tmp.write_text(summary_text)
+    _plot(rows, out / "recipe_study_summary.png")
+    report = {"environment": _environment(), "rows": rows, "instances": results}
+    with atomic_path(out / "recipe_study.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print("\n".join(printed) + "\n" + summary_text)
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "worker": worker, "tables": tables})

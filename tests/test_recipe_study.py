@@ -1,0 +1,67 @@
+"""The recipe study's bookkeeping (benchmarks/recipe_study.py): tables from finished instances, arms as variants."""
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from conftest import BUNDLE, REPO
+
+spec = importlib.util.spec_from_file_location("recipe_study", REPO / "benchmarks" / "recipe_study.py")
+recipe_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe_study)
+
+
+def _result(path, variant, seed, miou_all, miou_org, steps):
+    path.mkdir(parents=True)
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "miou_all": miou_all,
+        "miou_org": miou_org,
+        "pixel_error": 0.1,
+        "per_class": {"cell": {"iou": miou_all}, "mitochondrion": {"iou": miou_org}},
+        "objects": {"mitochondrion": {"gt_objects": 4, "found": 2, "missed": 1, "under_detected": 1}},
+        "steps": steps,
+        "train_seconds": 180.0,
+    }
+    (path / "result.json").write_text(json.dumps(result))
+
+
+def test_tables_average_seeds_and_compare_every_arm_with_the_plain_monai_baseline(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (default, baseline) in enumerate([(0.6, 0.5), (0.7, 0.5)]):
+        _result(runs / "3min" / "vnc" / "hybrid" / f"seed{seed:03d}", "hybrid", seed, default, default - 0.2, 100)
+        _result(
+            runs / "3min" / "vnc" / recipe_study.BASELINE / f"seed{seed:03d}",
+            recipe_study.BASELINE,
+            seed,
+            baseline,
+            0.5,
+            400,
+        )
+    _result(runs / "3min" / "vnc" / "study" / "norm_batch" / "seed000", "study/norm_batch", 0, 0.4, 0.1, 90)
+    out = tmp_path / "out"
+    recipe_study.tables(str(runs), str(out))
+    with open(out / "recipe_study_summary.csv", newline="") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert float(rows["default"]["miou_all"]) == pytest.approx(0.65)
+    assert rows["default"]["seeds"] == "2"
+    # default wins MIoU(all) but not MIoU(org) (0.45 < 0.5): not "both"
+    assert rows["default"]["beats plain MONAI on both"] == "no"
+    assert rows["norm_batch"]["beats plain MONAI on both"] == "no"
+    assert rows[recipe_study.BASELINE]["beats plain MONAI on both"] == "n/a"
+    assert (out / "recipe_study_vnc.md").read_text().count("| vnc |") == 3
+    report = json.loads((out / "recipe_study.json").read_text())
+    assert report["environment"]["commit"] and report["environment"]["versions"]["torch"]
+    assert (out / "recipe_study_summary.png").stat().st_size > 0
+
+
+def test_every_arm_is_a_variant_file_and_data_set_files_come_before_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(BUNDLE)
+    runner = recipe_study._runner("isbi2012", tmp_path / "runs", tmp_path, 3)
+    files = runner._files("study/isbi_native_4nm")
+    assert files == ["configs/variants/isbi2012.json", "configs/variants/study/isbi_native_4nm.json"]
+    for arm in (recipe_study.BASELINE, "paper_recipe", "study/norm_batch"):
+        assert (BUNDLE / recipe_study.variant_files(arm)[-1]).is_file()
