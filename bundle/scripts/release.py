@@ -1,14 +1,15 @@
 """Train, export and document the model that ships in ``models/``: one command, from the bundle root.
 
-1. trains ``configs/train.json`` + ``configs/variants/pretrained_platelet.json`` on the real platelet slice's
-   training region (rows y < 560), checkpoints in ``<workdir>/models``;
+1. trains the default recipe, ``configs/train.json``, for ``--max_minutes`` on the real platelet slice's training
+   region (rows y < 560), validating on rows y >= 560 every ``--val_interval`` steps, checkpoints in
+   ``<workdir>/models``;
 2. copies the best checkpoint (validation MIoU(all)) to ``models/model.pt`` and exports it to TorchScript
    (``models/model.ts``, MONAI's ``ckpt_export``), and lists both with their hashes in ``large_files.yml``;
 3. segments the slice with plain ``configs/inference.json`` and the shipped weights, as a user's first run does,
    evaluates the validation region (rows y >= 560) with ``configs/evaluate.json``, and writes the figures to
    ``docs/results.json`` and the overlay picture to ``docs/images/``; prints the tables the model card shows.
 
-Usage (from ``bundle/``): ``python -m scripts.release [--workdir ../runs/release] [--train true]``.
+Usage (from ``bundle/``): ``python -m scripts.release [--max_minutes 30] [--workdir ../runs/release] [--train true]``.
 ``--train false`` repeats steps 2-3 from the checkpoint of an earlier call.
 """
 
@@ -31,7 +32,7 @@ from scripts.io import atomic_path
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
-RECIPE = ["configs/train.json", "configs/variants/pretrained_platelet.json"]
+RECIPE = ["configs/train.json"]
 SHIPPED = ["models/model.pt", "models/model.ts"]
 RESULTS = BUNDLE_ROOT / "docs" / "results.json"
 PICTURE = BUNDLE_ROOT / "docs" / "images" / "platelet_validation.png"
@@ -62,15 +63,29 @@ def write_large_files(paths: list[str]) -> Path:
     return listing
 
 
+def _chosen_precision() -> str:
+    from scripts.precision import resolve_precision
+
+    return resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _figure(value: float) -> str:
     """Three decimals, or '-' for a class with no IoU (absent from ground truth and prediction)."""
     return "-" if value != value else f"{value:.3f}"
 
 
-def main(workdir: str = "../runs/release", train: bool = True, data_dir: str | None = None) -> None:
+def main(
+    workdir: str = "../runs/release",
+    train: bool = True,
+    data_dir: str | None = None,
+    max_minutes: float = 30.0,
+    val_interval: int = 250,
+) -> None:
     """Train (unless ``train`` is False), ship, evaluate and document the pretrained model.
 
     Args:
+        max_minutes: the training budget (``--max_minutes`` of ``run training``).
+        val_interval: validation (and best-checkpoint) interval in steps.
         workdir: training checkpoints, predictions and evaluation (relative to ``bundle/``).
         train: False reuses ``<workdir>/models/model.pt`` from an earlier call.
         data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
@@ -86,10 +101,10 @@ def main(workdir: str = "../runs/release", train: bool = True, data_dir: str | N
         _bundle(
             "run", "training", "--config_file", json.dumps(RECIPE), *common,
             "--ckpt_dir", str(workdir / "models"), "--output_dir", str(workdir / "train"),
+            "--max_minutes", str(max_minutes), "--val_interval", str(val_interval),
         )  # fmt: skip
     elif not checkpoint.is_file():
         sys.exit(f"{checkpoint} not found: run with --train true first")
-    train_seconds = time.time() - start
 
     (BUNDLE_ROOT / "models").mkdir(exist_ok=True)
     _replace(checkpoint, BUNDLE_ROOT / SHIPPED[0])
@@ -108,12 +123,15 @@ def main(workdir: str = "../runs/release", train: bool = True, data_dir: str | N
     PICTURE.parent.mkdir(parents=True, exist_ok=True)
     _replace(overlay, PICTURE)
 
-    recipe = json.loads((BUNDLE_ROOT / RECIPE[1]).read_text())
+    summary = json.loads((workdir / "train" / "training_summary.json").read_text())
+    train_seconds = summary["seconds"]
     results = {
-        "command": "cd bundle && python -m scripts.release",
+        "command": f"cd bundle && python -m scripts.release --max_minutes {max_minutes:g}",
         "recipe": RECIPE,
-        "steps": recipe["max_epochs"] * recipe["windows_per_volume"],
+        "steps": summary["steps"],
         "train_seconds": round(train_seconds),
+        "threads": torch.get_num_threads(),
+        "precision": _chosen_precision(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),
         "validation": "platelet/50-slice0, rows y >= 560 (trained on rows y < 560)",
