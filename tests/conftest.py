@@ -28,3 +28,8 @@ def require_shared(*relative: str) -> list[Path]:
     if missing:
         pytest.skip(f"real EM data not found ({', '.join(missing)}): place the shared data beside the checkout")
     return paths
+
+
+#: the network options of configs/train.json and inference.json (beyond the paper's defaults of HybridUNet2D3D), for
+#: checkpoints that tests write and the configs load
+CONFIG_NETWORK = {"norm": "instance", "upsample": "interpolate"}

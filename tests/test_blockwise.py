@@ -19,7 +19,7 @@ from monai.networks.nets import BasicUNet
 from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, require_shared
+from conftest import BUNDLE, CONFIG_NETWORK, require_shared
 from scripts.blockwise import (
     BlockwiseInference,
     FlipTTA,
@@ -35,9 +35,9 @@ from scripts.networks import HybridUNet2D3D, SectionWise2D
 from scripts.volumes import ArrayVolume, open_volume
 
 
-def tiny_network(seed: int = 0) -> torch.nn.Module:
+def tiny_network(seed: int = 0, **options) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return HybridUNet2D3D(out_channels=2, features=4).eval()
+    return HybridUNet2D3D(out_channels=2, features=4, **options).eval()
 
 
 def synthetic_volume(shape, seed: int = 0) -> np.ndarray:
@@ -272,7 +272,7 @@ def test_datalist_volumes_check_spacing(tmp_path):
 
 
 def _save_tiny_checkpoint(path, seed=0, wrap=True):
-    state = tiny_network(seed).state_dict()
+    state = tiny_network(seed, **CONFIG_NETWORK).state_dict()
     torch.save({"model": state} if wrap else state, path)
     return str(path)
 
@@ -286,12 +286,14 @@ def test_config_network_composes_with_ensemble_and_tta(ensemble_last, tmp_path):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / f) for f in files])
     overrides = {"bundle_root": str(BUNDLE), "network_def#features": 4, "class_names": ["a", "b"], "tta_axes": [0, 1]}
+    overrides["precision"] = "float32"  # compared with float32 members below
     parser.update({**overrides, "ensemble_checkpoints": members, "device": torch.device("cpu")})
     network = parser.get_parsed_content("blockwise_network")
     assert isinstance(network, FlipTTA) and isinstance(network.network, EnsembleNetwork)
     x = torch.randn(1, 1, 16, 16, 2)
     with torch.inference_mode():
-        expected = FlipTTA(EnsembleNetwork([tiny_network(0), tiny_network(1)]), (0, 1))(x)
+        members = [tiny_network(0, **CONFIG_NETWORK), tiny_network(1, **CONFIG_NETWORK)]
+        expected = FlipTTA(EnsembleNetwork(members), (0, 1))(x)
         torch.testing.assert_close(network(x), expected)
 
 
@@ -302,14 +304,14 @@ def test_prepare_network_loads_ckpt_path(tmp_path):
     parser.update({"ckpt_path": _save_tiny_checkpoint(tmp_path / "m.pt", 3), "device": torch.device("cpu")})
     network = parser.get_parsed_content("blockwise_network")
     assert not network.training
-    torch.testing.assert_close(network.state_dict(), tiny_network(3).state_dict())
+    torch.testing.assert_close(network.state_dict(), tiny_network(3, **CONFIG_NETWORK).state_dict())
 
-    bare = tiny_network(0)
+    bare = tiny_network(0, **CONFIG_NETWORK)
     loader = CheckpointLoader(
         load_path=_save_tiny_checkpoint(tmp_path / "bare.pt", 4, wrap=False), load_dict={"model": bare}
     )
     assert isinstance(prepare_network(bare, [loader], tta_axes=[2]), FlipTTA)
-    torch.testing.assert_close(bare.state_dict(), tiny_network(4).state_dict())
+    torch.testing.assert_close(bare.state_dict(), tiny_network(4, **CONFIG_NETWORK).state_dict())
     loader.load_path = str(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match=r"nope\.pt \(ckpt_path\) not found"):
         prepare_network(bare, [loader])

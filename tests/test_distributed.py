@@ -6,14 +6,14 @@ import zarr
 from numpy.testing import assert_array_equal
 
 from bundle_cli import TINY, TORCHRUN_2, bundle_run
-from conftest import SHARED_DATA, require_shared
+from conftest import CONFIG_NETWORK, SHARED_DATA, require_shared
 from scripts.networks import HybridUNet2D3D
 
 
 def test_two_process_blockwise_inference_equals_one_process(tmp_path):
     require_shared("isbi2012/images.tif")
     torch.manual_seed(0)
-    torch.save(HybridUNet2D3D(out_channels=2, features=4).state_dict(), tmp_path / "model.pt")
+    torch.save(HybridUNet2D3D(out_channels=2, features=4, **CONFIG_NETWORK).state_dict(), tmp_path / "model.pt")
     common = {
         "dataset_dir": str(SHARED_DATA),
         "datalist": "$@bundle_root + '/configs/datalists/isbi2012.json'",
@@ -54,4 +54,6 @@ def test_two_process_data_parallel_training_through_the_cli(tmp_path):
     assert "val_miou_all" in log
     for name in ("model.pt", "model_last.pt"):  # saved once, without DDP's "module." prefix
         state = torch.load(tmp_path / "models" / name, weights_only=True)
-        HybridUNet2D3D(out_channels=7, features=TINY["network_def#features"]).load_state_dict(state.get("model", state))
+        HybridUNet2D3D(out_channels=7, features=TINY["network_def#features"], **CONFIG_NETWORK).load_state_dict(
+            state.get("model", state)
+        )

@@ -56,7 +56,7 @@ def test_time_limit_stops_after_the_budget_and_summary_says_so(tmp_path, monkeyp
     trainer, data = _trainer(epochs=100)
     limit = handlers.TimeLimit(max_minutes=2)
     limit.attach(trainer)
-    handlers.TrainingSummary(str(tmp_path / "out" / "summary.json"), limit).attach(trainer)
+    handlers.TrainingSummary(str(tmp_path / "out" / "summary.json")).attach(trainer)
     trainer.run(data, max_epochs=100)
     assert 1 < trainer.state.iteration < 10
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -73,7 +73,7 @@ def test_time_limit_none_never_stops():
 
 
 def test_warmup_poly_rises_then_decays_to_zero_by_steps_or_by_time():
-    from scripts.handlers import TimeLimit, WarmupPolyLR
+    from scripts.handlers import WarmupPolyLR
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     schedule = WarmupPolyLR(optimizer, warmup_steps=10, power=0.9, min_factor=0.0)
@@ -81,9 +81,8 @@ def test_warmup_poly_rises_then_decays_to_zero_by_steps_or_by_time():
     assert factors[0] == pytest.approx(0.1 * (1.0) ** 0.9) and factors[9] > factors[0]
     assert max(factors) == factors[9] and factors[-1] < 0.05
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
-    limit = TimeLimit(max_minutes=1.0)
-    limit.start = time.monotonic() - 45.0  # three quarters of the budget spent
-    timed = WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, time_limit=limit, min_factor=0.0)
+    timed = WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, max_minutes=1.0, min_factor=0.0)
+    timed.clock.start = time.monotonic() - 45.0  # three quarters of the budget spent
     assert timed.factor(step=1, total_steps=1000) == pytest.approx(0.25, abs=0.01)
     trainer, data = _trainer(epochs=1, iterations_per_epoch=4)
     WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, min_factor=0.0).attach(trainer)

@@ -66,7 +66,8 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
     )
     _bundle_run("evaluating", ["configs/evaluate.json"], common)
 
-    mean = json.loads((workdir / "eval" / "metrics.json").read_text())["mean"]
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    mean = metrics["mean"]
     names = load_class_schema(BUNDLE_ROOT / "configs" / "metadata.json")["names"]
     item = load_datalist(datalist, dataset_dir, key="validation")[0]
     load = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
@@ -84,8 +85,10 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
         class_names=names,
         title=f"validation region MIoU(all) {mean['miou_all']:.3f}, MIoU(org) {mean['miou_org']:.3f}",
     )
+    found = ", ".join(f"{r['class']} {r['found']} of {r['gt_objects']}" for r in metrics["objects"] if r["gt_objects"])
     print(
         f"\nvalidation region: MIoU(all) = {mean['miou_all']:.4f}, MIoU(org) = {mean['miou_org']:.4f}"
+        f"\nobjects found: {found}"
         f"\npicture: {picture}\nmetrics: {workdir / 'eval' / 'metrics.csv'}\ntotal time: {time.time() - start:.0f} s"
     )
 

@@ -71,7 +71,8 @@ class TimeLimit:
     """Stop training after ``max_minutes`` of wall-clock time (validation included), at the end of a step.
 
     Ignite then fires ``COMPLETED``: :class:`ValidateAtEnd` scores the last weights and the checkpoint savers keep
-    the best and the last model, exactly as at the end of a run that reached ``max_epochs``.
+    the best and the last model, exactly as at the end of a run that reached ``max_epochs``. The trainer's
+    ``state.time_limit_reached`` tells the two ends apart.
 
     Args:
         max_minutes: the budget in minutes; ``None`` or a value <= 0 means no limit.
@@ -87,6 +88,7 @@ class TimeLimit:
 
     def started(self, trainer: Engine) -> None:
         self.start = time.monotonic()
+        trainer.state.time_limit_reached = False
 
     def elapsed_fraction(self) -> float:
         """Share of the budget spent so far (0 without a limit or before the start)."""
@@ -99,6 +101,7 @@ class TimeLimit:
             logger.warning(
                 f"stopping: time limit of {self.max_seconds / 60:g} min reached after {trainer.state.iteration} steps"
             )
+            trainer.state.time_limit_reached = True
             trainer.terminate()
 
 
@@ -106,14 +109,14 @@ class WarmupPolyLR:
     """Linear warm-up then polynomial decay, ``lr = base_lr * (1 - progress) ** power``, set before every step.
 
     ``progress`` is the larger of the share of steps done (of ``max_epochs * epoch_length``) and the share of the
-    time budget spent (from a :class:`TimeLimit`), so the rate reaches zero when training ends by either limit:
-    a run cut short by ``--max_minutes`` still ends with a fully decayed learning rate.
+    time budget spent (``max_minutes``, the same budget as the run's :class:`TimeLimit`), so the rate reaches zero
+    when training ends by either limit: a run cut short by ``--max_minutes`` still ends fully decayed.
 
     Args:
         optimizer: its groups' ``lr`` at construction are the base rates.
         warmup_steps: steps of linear warm-up from ``base_lr / warmup_steps``.
         power: exponent of the decay (nnU-Net's 0.9).
-        time_limit: the run's :class:`TimeLimit`, if any.
+        max_minutes: the training budget, if any.
         min_factor: the rate never falls below ``min_factor * base_lr``.
     """
 
@@ -122,24 +125,23 @@ class WarmupPolyLR:
         optimizer: torch.optim.Optimizer,
         warmup_steps: int = 50,
         power: float = 0.9,
-        time_limit: TimeLimit | None = None,
+        max_minutes: float | None = None,
         min_factor: float = 0.01,
     ) -> None:
         self.optimizer = optimizer
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.warmup_steps = max(int(warmup_steps), 0)
         self.power = float(power)
-        self.time_limit = time_limit
+        self.clock = TimeLimit(max_minutes)  # only its clock: stopping is the run's own TimeLimit's job
         self.min_factor = float(min_factor)
 
     def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self.clock.started)
         trainer.add_event_handler(Events.ITERATION_STARTED, self)
 
     def factor(self, step: int, total_steps: int) -> float:
         """The multiplier of the base rates at (0-based) ``step``."""
-        progress = step / max(total_steps, 1)
-        if self.time_limit is not None:
-            progress = max(progress, self.time_limit.elapsed_fraction())
+        progress = max(step / max(total_steps, 1), self.clock.elapsed_fraction())
         decay = max(1.0 - min(progress, 1.0), 0.0) ** self.power
         warmup = min((step + 1) / self.warmup_steps, 1.0) if self.warmup_steps else 1.0
         return max(warmup * decay, self.min_factor)
@@ -156,12 +158,10 @@ class TrainingSummary:
 
     Args:
         path: the JSON file (written through a temporary name).
-        time_limit: the run's :class:`TimeLimit`, to tell a stop by the time budget from the end of the epochs.
     """
 
-    def __init__(self, path: str, time_limit: TimeLimit | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.time_limit = time_limit
         self.start = 0.0
 
     def attach(self, trainer: Engine) -> None:
@@ -172,7 +172,7 @@ class TrainingSummary:
         self.start = time.monotonic()
 
     def __call__(self, trainer: Engine) -> None:
-        out_of_time = self.time_limit is not None and self.time_limit.elapsed_fraction() >= 1.0
+        out_of_time = getattr(trainer.state, "time_limit_reached", False)
         summary = {
             "steps": trainer.state.iteration,
             "epochs": trainer.state.epoch,
