@@ -88,3 +88,13 @@ def test_warmup_poly_rises_then_decays_to_zero_by_steps_or_by_time():
     WarmupPolyLR(optimizer, warmup_steps=0, power=1.0, min_factor=0.0).attach(trainer)
     trainer.run(data, max_epochs=1)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)  # set before the 4th of 4 steps
+
+
+def test_step_decay_is_the_papers():
+    from scripts.handlers import WarmupPolyLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = WarmupPolyLR(optimizer, warmup_steps=0, decay="step", step_size=2512, gamma=0.75, min_factor=0.0)
+    assert [schedule.factor(s, 10) for s in (0, 2511, 2512, 5024)] == [1.0, 1.0, 0.75, 0.75**2]
+    with pytest.raises(ValueError, match="decay must be"):
+        WarmupPolyLR(optimizer, decay="cosine")

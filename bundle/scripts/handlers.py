@@ -118,6 +118,9 @@ class WarmupPolyLR:
         power: exponent of the decay (nnU-Net's 0.9).
         max_minutes: the training budget, if any.
         min_factor: the rate never falls below ``min_factor * base_lr``.
+        decay: ``"poly"``, or ``"step"`` for the paper's ``gamma ** (step // step_size)`` (by steps only).
+        step_size: steps between two ``"step"`` decays.
+        gamma: factor of each ``"step"`` decay.
     """
 
     def __init__(
@@ -127,7 +130,15 @@ class WarmupPolyLR:
         power: float = 0.9,
         max_minutes: float | None = None,
         min_factor: float = 0.01,
+        decay: str = "poly",
+        step_size: int = 2512,
+        gamma: float = 0.75,
     ) -> None:
+        if decay not in ("poly", "step"):
+            raise ValueError(f"decay must be 'poly' or 'step', got {decay!r}")
+        self.decay = decay
+        self.step_size = int(step_size)
+        self.gamma = float(gamma)
         self.optimizer = optimizer
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.warmup_steps = max(int(warmup_steps), 0)
@@ -141,8 +152,11 @@ class WarmupPolyLR:
 
     def factor(self, step: int, total_steps: int) -> float:
         """The multiplier of the base rates at (0-based) ``step``."""
-        progress = max(step / max(total_steps, 1), self.clock.elapsed_fraction())
-        decay = max(1.0 - min(progress, 1.0), 0.0) ** self.power
+        if self.decay == "step":
+            decay = self.gamma ** (step // self.step_size)
+        else:
+            progress = max(step / max(total_steps, 1), self.clock.elapsed_fraction())
+            decay = max(1.0 - min(progress, 1.0), 0.0) ** self.power
         warmup = min((step + 1) / self.warmup_steps, 1.0) if self.warmup_steps else 1.0
         return max(warmup * decay, self.min_factor)
 
