@@ -252,8 +252,6 @@ def _environment() -> dict:
     model = platform.processor()
     if Path("/proc/cpuinfo").is_file():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
