@@ -41,7 +41,7 @@ def run_cli(run_id: str, configs: list[str], overrides: dict, log: Path) -> dict
     """One ``python -m monai.bundle run`` from ``bundle/``; its seconds and its own peak RSS in MiB."""
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(configs)]
     for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)]
+        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
     start = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=BUNDLE, stdout=out, stderr=subprocess.STDOUT)

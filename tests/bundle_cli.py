@@ -41,7 +41,7 @@ def bundle_run(
     for key, value in overrides.items():
         command += [
             f"--{key}",
-            json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value),
+            json.dumps(value) if isinstance(value, (list, dict)) else str(value),
         ]
     result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

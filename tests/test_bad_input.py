@@ -5,9 +5,11 @@ import json
 import itk
 import numpy as np
 import pytest
+import torch
 
 from bundle_cli import TINY, bundle_run
-from conftest import require_shared
+from conftest import CONFIG_NETWORK, require_shared
+from scripts.networks import HybridUNet2D3D
 
 
 def _write_pages(path, pages):
@@ -38,7 +40,14 @@ def _train(tmp_path, image, label, datalist=None):
     )
     assert result.returncode != 0, "bad input was accepted"
     assert not (tmp_path / "models").exists(), "training started on bad input"
-    return result.stdout + result.stderr
+    return _last_line(result)
+
+
+def _last_line(result):
+    """What a user reads: the last line of stderr."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    return lines[-1]
 
 
 def test_missing_file(real_pair):
@@ -82,16 +91,125 @@ def test_constant_image(real_pair):
     assert "image.tif: image 'image' is constant" in log
 
 
-def test_inference_on_missing_input_names_it(tmp_path):
-    (tmp_path / "datalist.json").write_text(json.dumps({"testing": [{"image": "gone.tif"}]}))
+def _infer(tmp_path, name="image.tif", **overrides):
+    """Standard inference on ``tmp_path/name``; returns the last line of stderr of the run, which must fail."""
+    (tmp_path / "datalist.json").write_text(json.dumps({"testing": [{"image": name}]}))
     result = bundle_run(
         "inference",
         ["configs/inference.json"],
-        {"dataset_dir": str(tmp_path), "datalist": str(tmp_path / "datalist.json"), "output_dir": str(tmp_path / "o")},
+        {
+            "dataset_dir": str(tmp_path),
+            "datalist": str(tmp_path / "datalist.json"),
+            "output_dir": str(tmp_path / "o"),
+            **overrides,
+        },
         check=False,
     )
-    assert result.returncode != 0 and "gone.tif not found" in result.stderr
-    assert not (tmp_path / "o").exists()
+    assert result.returncode != 0, "bad input was accepted"
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir()), "inference wrote output"
+    return _last_line(result)
+
+
+def test_inference_on_missing_input_names_it(tmp_path):
+    assert "gone.tif not found" in _infer(tmp_path, "gone.tif")
+
+
+def test_huge_intensities_are_refused_before_they_overflow(real_pair):
+    tmp_path, image, label = real_pair
+    huge = (image.astype(np.float32) / float(image.max()) * np.float32(3e38)).astype(np.float32)  # finite in float32
+    assert "image.tif: image 'image' has intensities up to" in _train(tmp_path, huge, label)
+    _write_pages(tmp_path / "image.tif", huge)
+    assert "standard deviation overflows float32" in _infer(tmp_path)
+
+
+def test_truncated_stack_is_refused_not_read_as_its_first_pages(tmp_path):
+    (image_path,) = require_shared("isbi2012/images.tif")
+    data = image_path.read_bytes()
+    (tmp_path / "image.tif").write_bytes(data[: len(data) // 2])
+    last = _infer(tmp_path)
+    assert "image.tif (testing[0]['image']): truncated: page" in last and "copy or export the file again" in last
+
+
+def test_truncated_single_page_is_refused(tmp_path):
+    (image_path,) = require_shared("platelet/50-slice0-image.tif")  # its directory precedes its pixels
+    data = image_path.read_bytes()
+    (tmp_path / "image.tif").write_bytes(data[: len(data) // 2])
+    assert "image.tif (testing[0]['image']): truncated: page 1's pixels end" in _infer(tmp_path)
+
+
+def test_rgb_float64_and_empty_files_are_named_with_what_to_do(real_pair):
+    tmp_path, image, _ = real_pair
+    itk.imwrite(
+        itk.GetImageFromArray(np.stack([image[0]] * 3, -1).astype(np.uint8), is_vector=True), str(tmp_path / "rgb.tif")
+    )
+    assert "rgb.tif (testing[0]['image']): 3 channels per pixel" in _infer(tmp_path, "rgb.tif")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "f64.tif", image.astype(np.float64))
+    assert "float64 pixels, which ITK (the bundle's reader) cannot read: save it as 32-bit float" in _infer(
+        tmp_path, "f64.tif"
+    )
+    (tmp_path / "empty.tif").touch()
+    assert "empty.tif (testing[0]['image']): the file is empty (0 bytes)" in _infer(tmp_path, "empty.tif")
+
+
+def test_unlabelled_value_255_suggests_the_ignore_label(real_pair):
+    tmp_path, image, label = real_pair
+    label = label.copy()
+    label[0, :4, :4] = 255
+    assert "set --ignore_label 255" in _train(tmp_path, image, label)
+
+
+def test_unknown_or_mistyped_overrides_are_named(real_pair):
+    tmp_path, image, label = real_pair
+    _write_pages(tmp_path / "image.tif", image)
+    assert "--overlapp is not a key of ['configs/inference.json']; did you mean --overlap?" in _infer(
+        tmp_path, overlapp=0.5
+    )
+    assert "--overlap: expected a number, got 'abc'" in _infer(tmp_path, overlap="abc")
+    assert "--save_probabilities false: write True or False" in _infer(tmp_path, save_probabilities="false")
+    assert "--infer_window: expected 3 values like [256, 256, 1], got [64, 64]" in _infer(
+        tmp_path, infer_window=[64, 64]
+    )
+
+
+def test_unwritable_output_dir_is_refused_before_inference(real_pair):
+    tmp_path, image, _ = real_pair
+    _write_pages(tmp_path / "image.tif", image)
+    (tmp_path / "a_file").write_text("not a folder")
+    last = _infer(tmp_path, output_dir=str(tmp_path / "a_file" / "out"))
+    assert f"--output_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is not a writable directory" in last
+
+
+def test_checkpoint_of_another_width_names_the_checkpoint_and_the_setting(real_pair):
+    tmp_path, image, _ = real_pair
+    _write_pages(tmp_path / "image.tif", image)
+    torch.manual_seed(0)
+    torch.save({"model": HybridUNet2D3D(out_channels=7, features=8, **CONFIG_NETWORK).state_dict()}, tmp_path / "w.pt")
+    last = _infer(tmp_path, ckpt_path=str(tmp_path / "w.pt"))
+    assert f"checkpoint {tmp_path / 'w.pt'} does not fit this network" in last
+    assert "(set --network_features 8)" in last
+
+
+def test_a_rerun_cleans_leftovers_and_reports_the_output_it_replaces(real_pair):
+    tmp_path, image, _ = real_pair
+    _write_pages(tmp_path / "image.tif", image)
+    (tmp_path / "datalist.json").write_text(json.dumps({"testing": [{"image": "image.tif"}]}))
+    out = tmp_path / "o"
+    out.mkdir()
+    leftover = out / ".image_prob.nii.gz.999999999.partial.nii.gz"  # what a kill during a save leaves
+    leftover.touch()
+    overrides = {
+        "dataset_dir": str(tmp_path),
+        "datalist": str(tmp_path / "datalist.json"),
+        "output_dir": str(out),
+        "save_probabilities": True,
+    }
+    bundle_run("inference", ["configs/inference.json"], overrides)
+    assert not leftover.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["image_prob.nii.gz", "image_seg.tif"]
+    again = bundle_run("inference", ["configs/inference.json"], overrides)
+    assert f"replacing the existing {out / 'image_seg.tif'}" in again.stdout + again.stderr
 
 
 def test_window_larger_than_volume_is_padded(real_pair):

@@ -64,4 +64,4 @@ def test_finetune_variant_starts_from_the_shipped_weights():
     shipped = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     shipped = shipped.get("model", shipped)
     assert all(torch.equal(value.cpu(), shipped[key]) for key, value in network.state_dict().items())
-    assert parser.get_parsed_content("ckpt_dir").endswith("models/finetuned")  # the shipped file is not overwritten
+    assert parser.get_parsed_content("ckpt_dir").endswith("runs/finetuned")  # the shipped file is not overwritten

@@ -87,7 +87,8 @@ class TimeLimit:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def started(self, trainer: Engine) -> None:
-        self.start = time.monotonic()
+        # a resumed run (scripts.checkpoints.TrainingCheckpoint) has spent part of its budget already
+        self.start = time.monotonic() - getattr(trainer.state, "resumed_seconds", 0.0)
         trainer.state.time_limit_reached = False
 
     def elapsed_fraction(self) -> float:
@@ -183,7 +184,7 @@ class TrainingSummary:
         trainer.add_event_handler(Events.COMPLETED, self)
 
     def started(self, trainer: Engine) -> None:
-        self.start = time.monotonic()
+        self.start = time.monotonic() - getattr(trainer.state, "resumed_seconds", 0.0)
 
     def __call__(self, trainer: Engine) -> None:
         out_of_time = getattr(trainer.state, "time_limit_reached", False)

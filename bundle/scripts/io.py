@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,16 @@ from monai.config import KeysCollection
 from monai.data import ITKWriter, MetaTensor, NibabelWriter, load_decathlon_datalist
 from monai.transforms import MapTransform
 
+logger = logging.getLogger(__name__)
+
 VOLUME_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+class InputError(ValueError):
+    """Bad input or settings: the message names the file or key, the problem and what to do.
+
+    On the command line it is printed as the last line of stderr, without a traceback (``scripts.preflight``).
+    """
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -31,7 +41,7 @@ def volume_suffix(path: str | os.PathLike) -> str:
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return suffix
-    raise ValueError(f"{path}: unsupported volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
+    raise InputError(f"{path}: unsupported volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
 
 
 def load_datalist(
@@ -55,25 +65,28 @@ def load_datalist(
     """
     datalist_file = Path(datalist_file)
     if not datalist_file.is_file():
-        raise FileNotFoundError(f"datalist {datalist_file} not found: set --datalist to your datalist JSON")
+        raise InputError(f"datalist {datalist_file} not found: set --datalist to your datalist JSON")
     if not Path(dataset_dir).is_dir():
-        raise FileNotFoundError(
+        raise InputError(
             f"dataset_dir {dataset_dir} (used by datalist {datalist_file}) is not a directory: set --dataset_dir"
         )
     with open(datalist_file) as f:
-        content = json.load(f)
+        try:
+            content = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"datalist {datalist_file}: not valid JSON ({e}): fix the file") from None
     if key not in content:
-        raise KeyError(f"datalist {datalist_file} has no key '{key}' (keys: {sorted(content)})")
+        raise InputError(f"datalist {datalist_file} has no key '{key}' (keys: {sorted(content)})")
     if not content[key]:
-        raise ValueError(f"datalist {datalist_file}: the list under '{key}' is empty")
+        raise InputError(f"datalist {datalist_file}: the list under '{key}' is empty")
     items = load_decathlon_datalist(str(datalist_file), is_segmentation=False, data_list_key=key, base_dir=dataset_dir)
     for index, item in enumerate(items):
         for file_key in file_keys:
             if file_key not in item:
-                raise KeyError(f"datalist {datalist_file}: item {index} of '{key}' has no '{file_key}' entry")
+                raise InputError(f"datalist {datalist_file}: item {index} of '{key}' has no '{file_key}' entry")
             path = item[file_key]
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"datalist {datalist_file}: '{key}'[{index}]['{file_key}'] = {path} not found")
+                raise InputError(f"datalist {datalist_file}: '{key}'[{index}]['{file_key}'] = {path} not found")
             volume_suffix(path)
     return items
 
@@ -98,6 +111,44 @@ def load_class_schema(metadata_file: str | os.PathLike) -> dict:
     return {"names": names, "organelles": organelles}
 
 
+def check_weights_fit(network: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: str) -> None:
+    """Raise an :class:`InputError` naming the checkpoint, the first layer that differs and the setting that most
+    likely does, when ``state`` cannot be loaded strictly into ``network``."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or wrong):
+        return
+    hints = []
+    convs = [k for k, v in expected.items() if v.ndim >= 4 and k in state]
+    if convs and state[convs[0]].shape[0] != expected[convs[0]].shape[0]:
+        features = getattr(network, "features", None)
+        setting = features * state[convs[0]].shape[0] // expected[convs[0]].shape[0] if features else None
+        hints.append(
+            f"network_features: its first layer has {state[convs[0]].shape[0]} filters, this network "
+            f"{expected[convs[0]].shape[0]}" + (f" (set --network_features {setting})" if setting else "")
+        )
+    classes = getattr(network, "out_channels", None)
+    if any(expected[k].shape[0] == classes and state[k].shape[0] != classes for k in wrong):
+        hints.append(f"the class list: this network predicts {classes} classes (metadata.json, --class_names)")
+    if missing or unexpected:
+        hints.append(
+            f"the architecture: {len(unexpected)} layers only in the checkpoint (e.g. {unexpected[:1]}), "
+            f"{len(missing)} only in this network (e.g. {missing[:1]}): use the variant file it was trained with "
+            "(paper_size.json, a baseline, --network_norm, --upsample)"
+        )
+    first = (
+        f"{wrong[0]} is {tuple(state[wrong[0]].shape)} there, {tuple(expected[wrong[0]].shape)} here"
+        if wrong
+        else f"{(missing or unexpected)[0]}"
+    )
+    raise InputError(
+        f"checkpoint {checkpoint} does not fit this network ({first}); check "
+        + ("; ".join(hints) or "the variant file it was trained with")
+    )
+
+
 def load_weights(
     network: torch.nn.Module, checkpoint: str | os.PathLike, missing_hint: str = "", map_location="cpu"
 ) -> torch.nn.Module:
@@ -105,17 +156,20 @@ def load_weights(
 
     Args:
         network: the architecture the weights belong to (strict loading).
-        checkpoint: what ``CheckpointSaver`` writes (a state dict, or ``{"model": state dict}``).
+        checkpoint: what the bundle's training writes (a state dict, or ``{"model": state dict, ...}``).
         missing_hint: how to produce the checkpoint, appended to the error when it is missing.
         map_location: where the tensors are loaded.
 
     Raises:
-        FileNotFoundError: naming the checkpoint (and the hint).
+        InputError: naming the checkpoint (and the hint) when it is missing, or the setting that differs when its
+            layers do not fit ``network``.
     """
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found" + (f": {missing_hint}" if missing_hint else ""))
+        raise InputError(f"checkpoint {checkpoint} not found" + (f": {missing_hint}" if missing_hint else ""))
     state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    network.load_state_dict(state.get("model", state))
+    state = state.get("model", state)
+    check_weights_fit(network, state, str(checkpoint))
+    network.load_state_dict(state)
     return network
 
 
@@ -128,16 +182,36 @@ def output_path(
     return Path(output_dir) / f"{stem}_{postfix}{suffix or source_suffix}"
 
 
+def _partial_name(path: Path, pid: int | str) -> str:
+    name = path.name.lower()
+    suffix = next((s for s in sorted(VOLUME_SUFFIXES, key=len, reverse=True) if name.endswith(s)), path.suffix)
+    return f".{path.name}.{pid}.partial{suffix}"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove temporary files that killed processes left beside ``path``."""
+    for leftover in path.parent.glob(_partial_name(path, "*")):
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            leftover.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside ``path`` (same suffix, so writers that pick a format by it still do) to write to.
 
     It is renamed onto ``path`` when the ``with`` block ends, and removed if the block raises: a crash or kill leaves
-    the previous complete file or none, never a half-written one. The writer creates the file itself, so it gets the
-    umask's permissions.
+    the previous complete file or none, never a half-written one. Temporary files of killed earlier runs are removed
+    first. The writer creates the file itself, so it gets the umask's permissions.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    if path.parent.is_dir():
+        _remove_stale_partials(path)
+    tmp = path.with_name(_partial_name(path, os.getpid()))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -168,24 +242,20 @@ def write_volume_atomically(array: torch.Tensor | np.ndarray, meta: Mapping, pat
     path = Path(path)
     suffix = volume_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer creates the temporary file itself, so it gets the umask's permissions (mkstemp's would be 0600)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.partial{suffix}"))
-    try:
-        writer = NibabelWriter(output_dtype=dtype) if suffix in (".nii", ".nii.gz") else ITKWriter(output_dtype=dtype)
-        data = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.as_tensor(array)
-        if isinstance(data, MetaTensor):
-            data = data.as_tensor()
-        if data.shape[0] == 1:
-            writer.set_data_array(data[0], channel_dim=None)
-        else:
-            writer.set_data_array(data, channel_dim=0)
-        # the array is already on its output grid: set the affine directly (MONAI's set_metadata would resample)
-        writer.affine = torch.as_tensor(meta["affine"], dtype=torch.float64).numpy()
-        writer.write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if path.exists():
+        logger.warning(f"replacing the existing {path}")
+    writer = NibabelWriter(output_dtype=dtype) if suffix in (".nii", ".nii.gz") else ITKWriter(output_dtype=dtype)
+    data = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.as_tensor(array)
+    if isinstance(data, MetaTensor):
+        data = data.as_tensor()
+    if data.shape[0] == 1:
+        writer.set_data_array(data[0], channel_dim=None)
+    else:
+        writer.set_data_array(data, channel_dim=0)
+    # the array is already on its output grid: set the affine directly (MONAI's set_metadata would resample)
+    writer.affine = torch.as_tensor(meta["affine"], dtype=torch.float64).numpy()
+    with atomic_path(path) as tmp:
+        writer.write(str(tmp))
     return path
 
 

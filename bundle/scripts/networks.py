@@ -353,6 +353,7 @@ class HybridUNet2D3D(nn.Module):
 
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.features = features
         self.deep_supervision = bool(deep_supervision)
         self.pyramid = bool(pyramid)
         pool_steps = max(num_scales, len(pyramid_convs) - 1 if pyramid else 0)

@@ -12,6 +12,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandCropByLabelClassesd, SpatialCrop
 
+from scripts.io import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -169,17 +171,23 @@ class ValidateVolumed(MapTransform):
         source = _source(image)
         values = torch.as_tensor(image)
         if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{source}: image '{self.image_key}' contains NaN or infinite values")
+            raise InputError(f"{source}: image '{self.image_key}' contains NaN or infinite values: fix or mask them")
         if bool(values.max() == values.min()):
-            raise ValueError(
+            raise InputError(
                 f"{source}: image '{self.image_key}' is constant ({float(values.min())}); "
                 "it cannot be normalised to mean 0, std 1: check that this is the right file"
+            )
+        spread = torch.std(values.float())  # what NormalizeIntensityd computes, in float32
+        if not bool(torch.isfinite(spread)) or float(spread) == 0.0:
+            raise InputError(
+                f"{source}: image '{self.image_key}' has intensities up to {float(values.abs().max()):.3g}, whose "
+                "standard deviation overflows float32, so it cannot be normalised: rescale it (e.g. to 0..65535)"
             )
         if self.label_key and self.label_key in d:
             label = d[self.label_key]
             label_source = _source(label)
             if tuple(label.shape[1:]) != tuple(image.shape[1:]):
-                raise ValueError(
+                raise InputError(
                     f"{label_source}: label shape {tuple(label.shape[1:])} differs from image {source} "
                     f"shape {tuple(image.shape[1:])} (x, y, z)"
                 )
@@ -190,10 +198,15 @@ class ValidateVolumed(MapTransform):
                 )
                 bad = sorted(float(v) for v in label_values.tolist() if v not in allowed)
                 if bad:
-                    raise ValueError(
+                    raise InputError(
                         f"{label_source}: label '{self.label_key}' has values {bad[:10]} outside the class list "
                         f"0..{self.num_classes - 1}"
                         + (f" and ignore index {self.ignore_index}" if self.ignore_index is not None else "")
+                        + (
+                            f": if {bad[-1]:g} marks unlabelled voxels, set --ignore_label {bad[-1]:g}"
+                            if self.ignore_index is None
+                            else ": check the class list (metadata.json) or map the values (label_mapping)"
+                        )
                     )
         return d
 

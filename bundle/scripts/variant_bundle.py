@@ -10,7 +10,7 @@ and the data's label schema moves to ``configs/label_schema.json``, which the co
 Usage (from ``bundle/``)::
 
     python -m scripts.variant_bundle --variants "['configs/variants/crf_stage2.json']" \
-        --output ../em_crf_segmentation --checkpoint models/crf/model.pt
+        --output ../em_crf_segmentation --checkpoint runs/crf/model.pt
 """
 
 from __future__ import annotations
