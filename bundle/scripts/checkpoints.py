@@ -56,8 +56,8 @@ def _numpy_state_back(state: tuple) -> tuple:
 
 def _random_sources(roots: Sequence[object]) -> list[Randomizable]:
     """Every MONAI ``Randomizable`` reachable from ``roots``: through datasets (``dataset``, ``patch_func``,
-    ``patch_transform``, ``transform``) and through transforms' attributes, which include the inner random transforms that dictionary
-    transforms wrap (e.g. ``RandCropByLabelClassesd.cropper``)."""
+    ``patch_transform``, ``transform``) and through transforms' attributes, which include the inner random
+    transforms that dictionary transforms wrap (e.g. ``RandCropByLabelClassesd.cropper``)."""
     found: list[Randomizable] = []
     seen: set[int] = set()
 
