@@ -174,7 +174,12 @@ def accuracy(
         stage1_files = ["configs/train.json", *case["variant"], "configs/variants/demo_cpu.json"]
         common = {"dataset_dir": str(data_dir), "seed": 0, **case["windows"]}
         stage1 = {**common, "max_epochs": stage1_epochs, "val_interval": 50}
-        _bundle_run("training", stage1_files, {**stage1, "output_dir": run / "e1", "ckpt_dir": run / "s1"}, threads)
+        _bundle_run(
+            "training",
+            stage1_files,
+            {**stage1, "output_dir": run / "e1", "ckpt_dir": run / "s1", "overwrite": True},
+            threads,
+        )
         stage1_s = time.time() - start
         stage2_files = [*stage1_files, "configs/variants/crf_stage2.json"]
         stage2 = {
@@ -185,7 +190,12 @@ def accuracy(
             "max_epochs": stage2_epochs,
             "val_interval": 50,
         }
-        _bundle_run("training", stage2_files, {**stage2, "output_dir": run / "e2", "ckpt_dir": run / "s2"}, threads)
+        _bundle_run(
+            "training",
+            stage2_files,
+            {**stage2, "output_dir": run / "e2", "ckpt_dir": run / "s2", "overwrite": True},
+            threads,
+        )
         stage2_s = time.time() - start - stage1_s
         without = _validate(stage1_files, common, run / "s1" / "model.pt", run / "scratch")
         with_crf = _validate(stage2_files, stage2, run / "s2" / "model.pt", run / "scratch")

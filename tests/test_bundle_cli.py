@@ -186,7 +186,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
     for run in ("a", "b"):
         overrides = {**TINY, "dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path / run), "max_epochs": 2}
         bundle_run("training", PLATELET, {**overrides, "ckpt_dir": str(tmp_path / run), "seed": 7})
-        weights.append(torch.load(tmp_path / run / "model_last.pt", weights_only=True))
+        weights.append(torch.load(tmp_path / run / "model_last.pt", weights_only=True)["model"])
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key

@@ -14,6 +14,7 @@ from monai.transforms import Randomizable
 from bundle_cli import bundle_run
 from conftest import BUNDLE, SHARED_DATA, require_shared
 from scripts.cascade import CoarseProbabilitiesd
+from scripts.io import InputError
 
 VARIANTS = BUNDLE / "configs" / "variants"
 COARSE_TINY = {"coarse_network_def#filters": [8, 16, 32, 64]}
@@ -88,7 +89,7 @@ def test_coarse_probabilities_are_stage_one_on_the_down_sampled_image(tmp_path):
     whole = CoarseProbabilitiesd("image", _tiny_coarse_network(3), tmp_path / "coarse.pt", [4, 4, 1], [16, 24, 3])
     torch.testing.assert_close(whole({"image": image})["image"][1:], expected[0], rtol=1e-4, atol=1e-5)
 
-    with pytest.raises(FileNotFoundError, match="missing.pt not found: train stage 1 first"):
+    with pytest.raises(InputError, match="missing.pt not found: train stage 1 first"):
         CoarseProbabilitiesd("image", network, tmp_path / "missing.pt", [4, 4, 1], [16, 16, 3])
 
 

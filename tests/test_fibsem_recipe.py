@@ -4,7 +4,7 @@ import itk
 import numpy as np
 import pytest
 
-from bundle_cli import TINY, bundle_run
+from bundle_cli import TINY, TRAINING_ONLY, bundle_run
 from conftest import SHARED_DATA, require_shared
 
 UNET = ["configs/variants/fibsem_unet.json"]
@@ -35,9 +35,11 @@ def test_variant_trains_and_infers(variant, dataset, tmp_path):
     if variant == UNET:  # a narrow U-Net; EfficientNet-B4 keeps its own widths
         overrides["network_def#network#features"] = [8, 8, 16, 32, 64, 8]
     train = ["configs/train.json", *data_variant, *variant]
-    bundle_run("training", train, {**overrides, "ckpt_dir": str(tmp_path / "models")})
+    training = {key: value for key, value in overrides.items() if key != "infer_window"}
+    bundle_run("training", train, {**training, "ckpt_dir": str(tmp_path / "models")})
     infer = ["configs/inference.json", *data_variant, *variant]
-    bundle_run("inference", infer, {**overrides, "ckpt_path": str(tmp_path / "models" / "model.pt")})
+    inference = {key: value for key, value in overrides.items() if key not in TRAINING_ONLY}
+    bundle_run("inference", infer, {**inference, "ckpt_path": str(tmp_path / "models" / "model.pt")})
     seg = itk.GetArrayFromImage(itk.imread(str(tmp_path / seg_name)))
     assert seg.shape == seg_shape
     assert set(np.unique(seg)) <= set(classes)

@@ -10,6 +10,7 @@ from monai.transforms import LoadImage
 
 import scripts.io
 from scripts.io import (
+    InputError,
     SaveVolumed,
     atomic_path,
     load_class_schema,
@@ -45,12 +46,12 @@ def test_load_datalist_resolves_and_checks(tmp_path):
     assert items[0]["image"] == str(tmp_path / "a.tif")
     with pytest.raises(ValueError, match="'validation' is empty"):
         load_datalist(path, tmp_path, "validation")
-    with pytest.raises(KeyError, match="no key 'testing'"):
+    with pytest.raises(InputError, match="no key 'testing'"):
         load_datalist(path, tmp_path, "testing")
     missing = _write_datalist(tmp_path, {"training": [{"image": "a.tif", "label": "b.tif"}]})
-    with pytest.raises(FileNotFoundError, match=r"'training'\[0\]\['label'\] = .*b.tif not found"):
+    with pytest.raises(InputError, match=r"'training'\[0\]\['label'\] = .*b.tif not found"):
         load_datalist(missing, tmp_path, "training")
-    with pytest.raises(FileNotFoundError, match="datalist .*nope.json not found"):
+    with pytest.raises(InputError, match="datalist .*nope.json not found"):
         load_datalist(tmp_path / "nope.json", tmp_path)
 
 

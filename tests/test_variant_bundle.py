@@ -8,6 +8,7 @@ from monai.bundle import ConfigParser, verify_metadata
 
 from conftest import BUNDLE, REPO
 from scripts.crf import NetworkWithCRF
+from scripts.io import InputError
 from scripts.variant_bundle import write_variant_bundle
 
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
@@ -39,7 +40,7 @@ def test_crf_stack_bundle_builds_the_stack_from_its_own_configs(tmp_path):
     for key, value in network.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     torch.save({"x": torch.ones(1)}, tmp_path / "mismatch.pt")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match="mismatch.pt does not fit this network"):
         again.load_network(tmp_path / "mismatch.pt")
 
     with pytest.raises(FileExistsError, match="em_crf_segmentation exists"):

@@ -7,7 +7,7 @@ import itk
 import numpy as np
 import pytest
 
-from bundle_cli import bundle_run
+from bundle_cli import TRAINING_ONLY, bundle_run
 from conftest import SHARED_DATA, require_shared
 
 VARIANTS = {
@@ -44,10 +44,12 @@ def test_variant_trains_two_steps_and_infers_on_isbi(variant, tmp_path):
         overrides["network_def#network#features"] = [8, 16, 32, 64, 128, 8]
     else:
         overrides["network_def#filters"] = [8, 16, 32, 64]
-    bundle_run("training", ["configs/train.json", *files], {**overrides, "ckpt_dir": str(tmp_path / "m")})
+    training = {key: value for key, value in overrides.items() if key != "infer_window"}
+    bundle_run("training", ["configs/train.json", *files], {**training, "ckpt_dir": str(tmp_path / "m")})
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 2
+    inference = {key: value for key, value in overrides.items() if key not in TRAINING_ONLY}
     bundle_run(
-        "inference", ["configs/inference.json", *files], {**overrides, "ckpt_path": str(tmp_path / "m" / "model.pt")}
+        "inference", ["configs/inference.json", *files], {**inference, "ckpt_path": str(tmp_path / "m" / "model.pt")}
     )
     seg = itk.GetArrayFromImage(itk.imread(str(tmp_path / "images_seg.tif")))
     assert seg.shape == (20, 512, 512) and set(np.unique(seg)) <= {0, 1}

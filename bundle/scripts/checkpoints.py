@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,12 @@ from monai.handlers import from_engine
 from monai.transforms import Randomizable, Transform
 
 from scripts.io import InputError, atomic_path, check_weights_fit
+
+
+def inside_monai_label() -> bool:
+    """Whether this training runs inside a MONAI Label server: its ``monaibundle`` app fine-tunes the bundle's
+    ``models/model.pt`` in place and serves the result, so there the checkpoints go to ``models/``."""
+    return "monailabel" in sys.modules
 
 
 def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
@@ -207,7 +214,7 @@ class TrainingCheckpoint:
 
 
 class BestCheckpoint:
-    """Save ``{"model": weights}`` atomically to ``<save_dir>/model.pt`` whenever validation sets a new best.
+    """Save the weights (a state dict) atomically to ``<save_dir>/model.pt`` whenever validation sets a new best.
 
     Attach to the evaluator. It reads MONAI's ``best_metric``/``best_metric_epoch`` bookkeeping, which
     :class:`TrainingCheckpoint` restores on resume, so a resumed run never replaces a better model with a worse one.
@@ -230,5 +237,5 @@ class BestCheckpoint:
         metric = state.metrics.get(state.key_metric_name)
         if metric is None or state.best_metric_epoch != state.epoch or metric != state.best_metric:
             return
-        if _is_saving_rank():
-            save_atomically({"model": _model_state(self.network, str(self.path))}, self.path)
+        if _is_saving_rank():  # the bare state dict, as model-zoo bundles ship model.pt
+            save_atomically(_model_state(self.network, str(self.path)), self.path)

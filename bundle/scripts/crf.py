@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from scripts.io import load_weights
+from scripts.io import InputError, load_weights
 
 __all__ = ["BilateralMessage", "CRFRNN", "NetworkWithCRF"]
 
@@ -377,13 +377,13 @@ class NetworkWithCRF(nn.Module):
         Label does with a bundle's ``models/model.pt``); returns ``self``.
 
         Raises:
-            FileNotFoundError: naming the checkpoint and how to produce it.
-            RuntimeError: if the weights fit neither the network nor the stack.
+            InputError: naming the checkpoint and how to produce it, or what differs if the weights fit neither the
+                network nor the stack.
         """
         hint = "train the network alone first (configs/train.json) or set --stage1_checkpoint"
         try:
             load_weights(self.network, checkpoint, hint)
-        except RuntimeError:  # not the network's keys: a stack checkpoint ("network.*", "crf.*"), or a mismatch
+        except InputError:  # not the network's keys: a stack checkpoint ("network.*", "crf.*"), or a mismatch
             load_weights(self, checkpoint, hint)
         return self
 

@@ -60,7 +60,9 @@ def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
         dataset_dir = workdir / "synthetic_data"
         datalist = write_synthetic_dataset(dataset_dir)
     common = {"dataset_dir": dataset_dir, "datalist": datalist, "output_dir": workdir / "eval"}
-    _bundle_run("training", ["configs/train.json", DEMO_VARIANT], {**common, "ckpt_dir": workdir / "models"})
+    _bundle_run(
+        "training", ["configs/train.json", DEMO_VARIANT], {**common, "ckpt_dir": workdir / "models", "overwrite": True}
+    )
     _bundle_run(
         "inference", ["configs/inference.json", DEMO_VARIANT], {**common, "ckpt_path": workdir / "models" / "model.pt"}
     )

@@ -8,6 +8,7 @@ printed as the last line of stderr, without the traceback (``--debug True`` show
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import struct
 import sys
@@ -97,6 +98,33 @@ def _flat_ids(config, prefix: str = "") -> dict[str, object]:
     return ids
 
 
+def _is_argument_of_component(key: str, known: Mapping[str, object]) -> bool:
+    """Whether ``key`` (``a#b#name``) sets an argument the config does not spell out of the component ``a#b``:
+    a parameter of its ``_target_``'s signature, or one of MONAI's reserved keys."""
+    parent, _, name = key.rpartition("#")
+    component = known.get(parent)
+    if not isinstance(component, dict) or "_target_" not in component:
+        return False
+    if name in ("_disabled_", "_requires_", "_desc_", "_mode_"):
+        return True
+    from monai.bundle.config_item import ComponentLocator
+    from monai.utils import optional_import
+
+    target = component["_target_"]
+    module = ComponentLocator().get_component_module_name(target) if "." not in target else None
+    if isinstance(module, list):
+        module = module[0]
+    module_name, _, attribute = (f"{module}.{target}" if module else target).rpartition(".")
+    factory, found = optional_import(module_name, name=attribute)
+    if not found:
+        return False
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def cli_overrides(argv: Sequence[str]) -> dict[str, object]:
     """The ``--key value`` pairs of a ``python -m monai.bundle run ...`` command line, parsed as fire parses them."""
     from fire.parser import DefaultParseValue
@@ -141,17 +169,18 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
     for key, value in overrides.items():
         if key in RUN_ARGUMENTS:
             continue
-        if key not in known:
+        if key not in known and not _is_argument_of_component(key, known):
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             hint = f"; did you mean --{close[0]}?" if close else "; see the keys in configs/train.json"
             raise InputError(f"--{key} is not a key of {config_files}{hint}")
-        expected = KEY_TYPES.get(key) or _type_of(known[key])
+        expected = KEY_TYPES.get(key) or _type_of(known.get(key))
         problem = _type_error(key, expected, value) if expected else None
         if problem:
             raise InputError(problem)
-        if expected == "list" and isinstance(known[key], list) and isinstance(value, (list, tuple)):
-            if len(value) != len(known[key]):
-                raise InputError(f"--{key}: expected {len(known[key])} values like {known[key]}, got {value!r}")
+        default = known.get(key)
+        if isinstance(default, list) and default and all(isinstance(v, (int, float)) for v in default):
+            if isinstance(value, (list, tuple)) and len(value) != len(default):  # a window, a spacing
+                raise InputError(f"--{key}: expected {len(default)} values like {default}, got {value!r}")
 
 
 def _tiff_page_count(path: Path, name: str) -> int:
@@ -185,18 +214,19 @@ def _tiff_page_count(path: Path, name: str) -> int:
     return pages
 
 
-def _check_tiff_data(path: Path, name: str) -> None:
+def _check_tiff_pages(path: Path, name: str, formats: bool) -> None:
+    """Every page's pixel data lies inside the file; with ``formats``, pages are single-channel and not 64-bit."""
     import tifffile
 
     size = path.stat().st_size
     with tifffile.TiffFile(path) as tif:
         for number, page in enumerate(tif.pages, start=1):
-            if page.samplesperpixel > 1:
+            if formats and page.samplesperpixel > 1:
                 raise InputError(
                     f"{name}: {page.samplesperpixel} channels per pixel (RGB?), but the bundle segments single-channel "
                     "greyscale EM: convert it to greyscale (Fiji: Image > Type > 8-bit)"
                 )
-            if page.dtype is not None and np.dtype(page.dtype).itemsize == 8:
+            if formats and page.dtype is not None and np.dtype(page.dtype).itemsize == 8:
                 raise InputError(
                     f"{name}: {page.dtype} pixels, which ITK (the bundle's reader) cannot read: save it as 32-bit "
                     "float or 16-bit integer (numpy: image.astype('float32'); Fiji: Image > Type > 32-bit)"
@@ -209,12 +239,12 @@ def _check_tiff_data(path: Path, name: str) -> None:
                 )
 
 
-def check_tiff_file(path: str | os.PathLike, name: str | None = None) -> None:
-    """A TIFF file is complete (its page directories and pixel data lie inside the file), greyscale, and of a
-    sample type ITK reads; checked without reading its pixels. ``name`` replaces the path in messages."""
+def check_tiff_complete(path: str | os.PathLike) -> None:
+    """A TIFF file's page directories and pixel data all lie inside the file (checked without reading pixels): a
+    truncated stack would otherwise read as its first pages."""
     path = Path(path)
-    _tiff_page_count(path, name or str(path))
-    _check_tiff_data(path, name or str(path))
+    _tiff_page_count(path, str(path))
+    _check_tiff_pages(path, str(path), formats=False)
 
 
 def check_volume_file(path: str | os.PathLike, what: str = "") -> None:
@@ -237,7 +267,8 @@ def check_volume_file(path: str | os.PathLike, what: str = "") -> None:
     if path.stat().st_size == 0:
         raise InputError(f"{path}{where}: the file is empty (0 bytes): copy or export it again")
     if suffix in (".tif", ".tiff"):
-        check_tiff_file(path, f"{path}{where}")
+        _tiff_page_count(path, f"{path}{where}")
+        _check_tiff_pages(path, f"{path}{where}", formats=True)
     image_io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     if image_io is None:
         raise InputError(f"{path}{where}: ITK finds no reader that understands this file: is it really a volume?")

@@ -100,7 +100,7 @@ def main(
     if train:
         _bundle(
             "run", "training", "--config_file", json.dumps(RECIPE), *common,
-            "--ckpt_dir", str(workdir / "models"), "--output_dir", str(workdir / "train"),
+            "--ckpt_dir", str(workdir / "models"), "--output_dir", str(workdir / "train"), "--overwrite", "True",
             "--max_minutes", str(max_minutes), "--val_interval", str(val_interval),
         )  # fmt: skip
     elif not checkpoint.is_file():

@@ -25,7 +25,7 @@ import zarr
 from monai.data import ITKReader
 
 from scripts.io import VOLUME_SUFFIXES, volume_suffix, write_volume_atomically
-from scripts.preflight import check_tiff_file
+from scripts.preflight import check_tiff_complete
 
 Box = Sequence[Sequence[int]]  # [[x0, x1], [y0, y1], [z0, z1]], ends exclusive
 
@@ -266,7 +266,7 @@ def open_tiff(file: str) -> Volume:
                 f"{file}: TIFF image of shape {series.shape} (axes {series.axes}); expected a (Z, Y, X) stack of "
                 "single-channel pages or one (Y, X) page"
             )
-        check_tiff_file(file)  # a truncated stack would otherwise read as its first pages only
+        check_tiff_complete(file)
         array = zarr.open_array(series.aszarr(level=0), mode="r")
         volume = StoredAxesVolume(array, ("z", "y", "x")[-series.ndim :], file, _imagej_spacing(tif), handle=tif)
         volume.single_section = volume.shape[2] == 1  # in TIFF a one-page stack is a single page
