@@ -32,6 +32,7 @@ import torch
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.crf import CRFRNN  # noqa: E402
+from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.losses import WeightedCrossEntropyLoss  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 
@@ -233,7 +234,7 @@ def main(
         datasets: real data sets of the accuracy part.
         stage1_epochs, stage2_epochs: epochs of 50 windows of each stage.
         training_threads: OMP_NUM_THREADS of the training runs (0: default); 1 is faster on a busy 2-core machine.
-        data_dir: the real data (default ``../shared/data`` beside the checkout).
+        data_dir: the real data (default the repository's ``sample_data``).
         workdir: checkpoints and logs of the accuracy runs.
         output: the JSON written.
     """
@@ -241,7 +242,7 @@ def main(
     if "speed" in parts:
         report["speed"] = speed(list(threads_options))
     if "accuracy" in parts:
-        data = Path(data_dir) if data_dir else BUNDLE.parent.parent / "shared" / "data"
+        data = Path(data_dir) if data_dir else SAMPLE_DATA
         work = Path(workdir).resolve()
         report["accuracy"] = accuracy(list(datasets), data, work, stage1_epochs, stage2_epochs, training_threads)
     print(json.dumps(report, indent=2))

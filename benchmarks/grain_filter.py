@@ -20,8 +20,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 from scripts.grain_filter import grain_filter, grain_filters  # noqa: E402
+from scripts.io import SAMPLE_DATA  # noqa: E402
 
-SLICE = REPO.parent / "shared" / "data" / "platelet" / "50-slice0-image.tif"
+SLICE = SAMPLE_DATA / "platelet" / "50-slice0-image.tif"
 
 
 def _median_seconds(function, repeats: int) -> float:
@@ -36,7 +37,7 @@ def _median_seconds(function, repeats: int) -> float:
 def main(repeats: int = 3, output: str = "benchmarks/results/grain_filter.json", image: str = str(SLICE)) -> None:
     path = Path(image)
     if not path.exists():
-        sys.exit(f"benchmark image not found: {path} (place the shared data beside the checkout: ../shared/data)")
+        sys.exit(f"benchmark image not found: {path} (it ships in the repository's sample_data/)")
     import itk  # the bundle's TIFF reader
 
     array = itk.array_from_image(itk.imread(str(path)))

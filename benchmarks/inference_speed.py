@@ -54,12 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import matmul_gflops  # noqa: E402
 
 from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
+from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
 from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 from scripts.volumes import ArrayVolume, open_volume  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "platelet"
+DATA = SAMPLE_DATA / "platelet"
 TRAIN_WINDOW = (296, 296, 5)
 VALIDATION_ROWS = slice(560, 800)  # the datalist's validation region, rows y >= 560
 
@@ -266,7 +267,7 @@ def _paper_size_bf16(window: tuple) -> dict:
 
 def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     if not (DATA / "50-slice0-image.tif").exists():
-        print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships beside the checkout)")
+        print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships in the repository's sample_data/)")
         return
     parts = {"speed": speed, "bf16": bf16}
     if part not in parts:

@@ -39,9 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
-from scripts.io import atomic_path, write_csv_atomically  # noqa: E402
+from scripts.io import atomic_path, data_root, write_csv_atomically  # noqa: E402
 
-SHARED_DATA = REPO.parent / "shared" / "data"
 #: data set -> (datalist, data set variant file, a file that must exist under the data directory)
 DATASETS = {
     "platelet": ("configs/datalists/platelet.json", None, "platelet/50-slice0-image.tif"),
@@ -65,14 +64,14 @@ def arm_name(arm: str) -> str:
     return "default" if arm == BASE_VARIANT else arm.replace("study/", "")
 
 
-def _runner(dataset: str, workdir: Path, data_dir: Path, max_minutes: float) -> ExperimentRunner:
+def _runner(dataset: str, workdir: Path, data_dir: Path | None, max_minutes: float) -> ExperimentRunner:
     datalist, variant, _ = DATASETS[dataset]
     return ExperimentRunner(
         str(workdir / dataset),
         # the time budget alone ends training (max_epochs out of reach), and validation comes once, at the end
         overrides={"max_minutes": max_minutes, "max_epochs": 10**6, "val_interval": 10**9},
         datalist=datalist,
-        dataset_dir=str(data_dir),
+        dataset_dir=str(data_dir or data_root(dataset)),
         dataset_files=[variant] if variant else [],
         ensemble_sizes=[],
     )
@@ -82,15 +81,16 @@ def _jobs(datasets: Sequence[str], arms: Sequence[str], seeds: int) -> list[tupl
     return [(d, a, s) for s in range(seeds) for d in datasets for a in arms]
 
 
-def _available(datasets: Sequence[str], data_dir: Path) -> list[str]:
+def _available(datasets: Sequence[str], data_dir: Path | None) -> list[str]:
     found = []
     for dataset in datasets:
         if dataset not in DATASETS:
             raise ValueError(f"unknown data set '{dataset}'; known: {sorted(DATASETS)}")
-        if (data_dir / DATASETS[dataset][2]).is_file():
+        marker = (data_dir or data_root(dataset)) / DATASETS[dataset][2]
+        if marker.is_file():
             found.append(dataset)
         else:
-            print(f"SKIPPED {dataset}: {data_dir / DATASETS[dataset][2]} not found (it lives in ../shared/data)")
+            print(f"SKIPPED {dataset}: {marker} not found (non-commercial data sets live in ../shared/data)")
     return found
 
 
@@ -108,7 +108,7 @@ def worker(
     os.chdir(BUNDLE)  # config paths are relative to the bundle root, as with `python -m monai.bundle run`
     for n, (dataset, arm, seed) in enumerate(_jobs(datasets, arms, seeds)):
         if n % workers == index:
-            _runner(dataset, Path(workdir), Path(data_dir), max_minutes).train_instance(arm, seed)
+            _runner(dataset, Path(workdir), Path(data_dir) if data_dir else None, max_minutes).train_instance(arm, seed)
 
 
 def run(
@@ -130,7 +130,8 @@ def run(
         max_minutes: training budget of every arm (validation at the end comes on top).
         workers: arms trained at once, one thread each (this machine's cores).
         workdir: the study's runs, per budget (``<workdir>/<max_minutes>min/<data set>/<arm>/seed<k>``).
-        data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
+        data_dir: one folder holding every data set; default each data set's own (``sample_data/`` for the
+            platelet and ISBI samples, ``../shared/data`` for the others).
         output: where the tables and JSON go.
     """
     datasets = [datasets] if isinstance(datasets, str) else list(datasets)
@@ -139,7 +140,7 @@ def run(
     for arm in arms:  # a misspelt arm fails now, not after hours of training
         variant_files(arm)
     os.chdir(REPO)
-    data_path = Path(data_dir).resolve() if data_dir else SHARED_DATA.resolve()
+    data_path = Path(data_dir).resolve() if data_dir else None
     datasets = _available(datasets, data_path)
     budget_dir = (REPO / workdir / f"{max_minutes:g}min").resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -147,7 +148,7 @@ def run(
     processes = [
         subprocess.Popen(
             [sys.executable, __file__, "worker", str(k), str(workers), json.dumps(datasets), json.dumps(arms)]
-            + [str(seeds), str(max_minutes), str(budget_dir), str(data_path)],
+            + [str(seeds), str(max_minutes), str(budget_dir), str(data_path or "")],
             env=env,
         )
         for k in range(workers)

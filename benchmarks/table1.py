@@ -24,6 +24,7 @@ import fire
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.experiments import ExperimentRunner  # noqa: E402
+from scripts.io import SAMPLE_DATA  # noqa: E402
 
 VARIANTS = ["hybrid", "ablation_no_3x3x3", "ablation_no_multiloss", "ablation_no_pyramid", "baseline_unet2d"]
 QUARTER_WIDTH_UNET2D = {"network_def#network#features": [16, 32, 64, 128, 256, 16]}
@@ -36,9 +37,9 @@ def main(
     data_dir: str | None = None,
     output: str = "benchmarks/results/table1_cpu.json",
 ) -> None:
-    data_dir = Path(data_dir) if data_dir else BUNDLE.parent.parent / "shared" / "data"
+    data_dir = Path(data_dir) if data_dir else SAMPLE_DATA
     if not (data_dir / "platelet" / "50-slice0-image.tif").exists():
-        print(f"SKIPPED: the real platelet slice is not in {data_dir}/platelet (it ships beside the checkout)")
+        print(f"SKIPPED: the real platelet slice is not in {data_dir}/platelet (it ships in sample_data/)")
         return
     start = time.time()
     workdir = Path(workdir).resolve()

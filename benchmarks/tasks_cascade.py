@@ -106,9 +106,9 @@ def main(
     data_dir: str | None = None,
     output: str = "benchmarks/results/tasks_cascade.json",
 ) -> None:
-    data_dir = Path(data_dir) if data_dir else REPO.parent / "shared" / "data"
+    data_dir = Path(data_dir) if data_dir else REPO / "sample_data"
     if not (data_dir / "platelet" / "50-slice0-image.tif").exists():
-        print(f"SKIPPED: the real platelet slice is not in {data_dir}/platelet (it ships beside the checkout)")
+        print(f"SKIPPED: the real platelet slice is not in {data_dir}/platelet (it ships in sample_data/)")
         return
     workdir = (REPO / workdir).resolve()
     common = {"dataset_dir": str(data_dir)}

@@ -15,18 +15,25 @@ if _WORKERS > 1:
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-SHARED_DATA = Path(os.environ.get("EM_SHARED_DATA", REPO.parent / "shared" / "data"))
+#: MONAI's bundle metadata schema, for offline verify_metadata
+METADATA_SCHEMA = REPO / "tools" / "schemas" / "meta_schema_20240725.json"
 
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
+from scripts.io import SAMPLE_DATA, data_root  # noqa: E402,F401  (the bundle package is on the path from here)
 
-def require_shared(*relative: str) -> list[Path]:
-    """Paths of real EM files in ``../shared/data``; skip the test with a clear message when absent."""
-    paths = [SHARED_DATA / r for r in relative]
+
+def require_data(*relative: str) -> list[Path]:
+    """Paths of real EM files (``platelet/...`` and ``isbi2012/...`` ship in ``sample_data/``; the data sets under
+    non-commercial licences live in ``../shared/data``); skip the test with a clear message when absent."""
+    paths = [data_root(r.split("/")[0]) / r for r in relative]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        pytest.skip(f"real EM data not found ({', '.join(missing)}): place the shared data beside the checkout")
+        pytest.skip(
+            f"real EM data not found ({', '.join(missing)}): it carries a non-commercial licence, so it is not in the "
+            "repository; place the shared data beside the checkout (../shared/data) or set EM_SHARED_DATA"
+        )
     return paths
 
 

@@ -4,7 +4,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from conftest import require_shared
+from conftest import require_data
 from scripts.augmentation import (
     RandBrightnessContrastd,
     RandCutBlurd,
@@ -216,7 +216,7 @@ def test_numpy_input_stays_numpy():
 
 
 def test_elastic_on_a_real_em_crop_keeps_labels_binary_and_aligned():
-    images, labels = require_shared("isbi2012/images.tif", "isbi2012/labels.tif")
+    images, labels = require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
     image, label = loader(images), loader(labels)
     assert image.shape == (1, 512, 512, 20) and label.shape == (1, 512, 512, 20)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bundle_cli import TINY, bundle_run
-from conftest import CONFIG_NETWORK, require_shared
+from conftest import CONFIG_NETWORK, require_data
 from scripts.networks import HybridUNet2D3D
 
 
@@ -19,7 +19,7 @@ def _write_pages(path, pages):
 @pytest.fixture
 def real_pair(tmp_path):
     """A small real platelet crop (image, labels) written as TIFF pages in a fresh dataset directory."""
-    image_path, label_path = require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    image_path, label_path = require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
     image = itk.GetArrayFromImage(itk.imread(str(image_path)))[..., :128, :128]
     label = itk.GetArrayFromImage(itk.imread(str(label_path)))[..., :128, :128]
     return tmp_path, image.reshape(1, 128, 128), label.reshape(1, 128, 128)
@@ -123,7 +123,7 @@ def test_huge_intensities_are_refused_before_they_overflow(real_pair):
 
 
 def test_truncated_stack_is_refused_not_read_as_its_first_pages(tmp_path):
-    (image_path,) = require_shared("isbi2012/images.tif")
+    (image_path,) = require_data("isbi2012/images.tif")
     data = image_path.read_bytes()
     (tmp_path / "image.tif").write_bytes(data[: len(data) // 2])
     last = _infer(tmp_path)
@@ -131,7 +131,7 @@ def test_truncated_stack_is_refused_not_read_as_its_first_pages(tmp_path):
 
 
 def test_truncated_single_page_is_refused(tmp_path):
-    (image_path,) = require_shared("platelet/50-slice0-image.tif")  # its directory precedes its pixels
+    (image_path,) = require_data("platelet/50-slice0-image.tif")  # its directory precedes its pixels
     data = image_path.read_bytes()
     (tmp_path / "image.tif").write_bytes(data[: len(data) // 2])
     assert "image.tif (testing[0]['image']): truncated: page 1's pixels end" in _infer(tmp_path)

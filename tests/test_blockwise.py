@@ -19,7 +19,7 @@ from monai.networks.nets import BasicUNet
 from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, CONFIG_NETWORK, require_shared
+from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.blockwise import (
     BlockwiseInference,
     FlipTTA,
@@ -98,7 +98,7 @@ def test_matches_sliding_window_on_synthetic_volume(roi, block, batch, fit_axes,
 
 
 def test_matches_sliding_window_on_isbi_crop():
-    (path,) = require_shared("isbi2012/images.tif")
+    (path,) = require_data("isbi2012/images.tif")
     with open_volume(path) as isbi:
         array = isbi.read([[100, 260], [200, 360], [10, 15]])  # 160 x 160 x 5, shallower than the window
     network = tiny_network(1)
@@ -318,7 +318,7 @@ def test_prepare_network_loads_ckpt_path(tmp_path):
 
 
 def test_cli_on_isbi_writes_zarr_and_tiff(tmp_path):
-    (images,) = require_shared("isbi2012/images.tif")
+    (images,) = require_data("isbi2012/images.tif")
     overrides = {
         "datalist": "$@bundle_root + '/configs/datalists/isbi2012.json'",
         "class_names": ["cell interior", "membrane"],

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_cli import SMALL, TINY, bundle_run
-from conftest import BUNDLE, SHARED_DATA, require_shared
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 
 PLATELET = ["configs/train.json"]
 ISBI = ["configs/train.json", "configs/variants/isbi2012.json"]
@@ -40,9 +40,9 @@ BUDGET_MINUTES = 2.5
 def platelet_run(tmp_path_factory):
     """Train the default recipe (train.json as it ships) on the real platelet slice's training region through the
     CLI, for ``BUDGET_MINUTES``."""
-    require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
     root = tmp_path_factory.mktemp("platelet")
-    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(root / "eval")}
+    common = {"dataset_dir": str(SAMPLE_DATA), "output_dir": str(root / "eval")}
     budget = {"max_minutes": BUDGET_MINUTES, "val_interval": 50}
     train = bundle_run("training", PLATELET, {**common, **budget, "ckpt_dir": str(root / "models")})
     return {"root": root, "common": common, "train_log": train.stdout + train.stderr}
@@ -78,7 +78,7 @@ def test_default_recipe_beats_untrained_and_finds_organelles(platelet_run):
     trained = _infer_and_evaluate(root, common, root / "models" / "model.pt", "trained")
     objects = json.loads((root / "trained" / "metrics.json").read_text())["objects"]
     seg = root / "trained" / "50-slice0-image_seg.tif"
-    source = SHARED_DATA / "platelet" / "50-slice0-image.tif"
+    source = SAMPLE_DATA / "platelet" / "50-slice0-image.tif"
     assert _pages(seg).shape == _pages(source).shape == (800, 800)
     assert set(np.unique(_pages(seg))) <= set(range(7))
     assert (root / "trained" / "metrics.csv").is_file()
@@ -133,7 +133,7 @@ def test_probability_maps_on_request(platelet_run):
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
 def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
     """A real ISBI sub-stack saved as NIfTI with a 4x4x50 nm affine segments into NIfTI on the same grid."""
-    (images,) = require_shared("isbi2012/images.tif")
+    (images,) = require_data("isbi2012/images.tif")
     stack = _pages(images)[:3, :256, :200].transpose(2, 1, 0)  # (x, y, z)
     affine = np.array([[4.0, 0, 0, 100.0], [0, 4.0, 0, -50.0], [0, 0, 50.0, 7.0], [0, 0, 0, 1]])
     (tmp_path / "data").mkdir()
@@ -157,8 +157,8 @@ def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
 
 def test_isbi_stack_trains_resamples_and_keeps_geometry(tmp_path):
     """ISBI voxels (4 x 4 x 50 nm) are resampled to 8 x 8 x 50 nm for the network and back onto the input grid."""
-    require_shared("isbi2012/images.tif", "isbi2012/labels.tif")
-    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path / "eval")}
+    require_data("isbi2012/images.tif", "isbi2012/labels.tif")
+    common = {"dataset_dir": str(SAMPLE_DATA), "output_dir": str(tmp_path / "eval")}
     small = {**SMALL, "network_def#features": 8, "train_window": [96, 96, 3], "val_window": [128, 128, 5]}
     bundle_run("training", ISBI, {**small, **common, "ckpt_dir": str(tmp_path / "models"), "max_epochs": 8})
     bundle_run(
@@ -181,10 +181,10 @@ def test_isbi_stack_trains_resamples_and_keeps_geometry(tmp_path):
 
 
 def test_same_seed_gives_identical_weights(tmp_path):
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     weights = []
     for run in ("a", "b"):
-        overrides = {**TINY, "dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path / run), "max_epochs": 2}
+        overrides = {**TINY, "dataset_dir": str(SAMPLE_DATA), "output_dir": str(tmp_path / run), "max_epochs": 2}
         bundle_run("training", PLATELET, {**overrides, "ckpt_dir": str(tmp_path / run), "seed": 7})
         weights.append(torch.load(tmp_path / run / "model_last.pt", weights_only=True)["model"])
     assert weights[0].keys() == weights[1].keys()
@@ -195,7 +195,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
 def test_default_training_command_runs_as_written():
     """``python -m monai.bundle run training --config_file configs/train.json`` with no other argument starts
     training the default network on the default dataset_dir (``../shared/data`` beside the checkout)."""
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json"]
     # killed after the first logged step: checkpoints come only at validation (every 1000 steps) or at the end
     process = subprocess.Popen(command, cwd=BUNDLE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,7 @@ from monai.networks.nets import DynUNet
 from monai.transforms import Randomizable
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, SHARED_DATA, require_shared
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 from scripts.cascade import CoarseProbabilitiesd
 from scripts.io import InputError
 
@@ -96,8 +96,8 @@ def test_coarse_probabilities_are_stage_one_on_the_down_sampled_image(tmp_path):
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_both_stages_train_and_one_inference_call_runs_both(dataset, tmp_path):
     case = DATASETS[dataset]
-    require_shared(case["image"])
-    common = {"dataset_dir": str(SHARED_DATA), **COARSE_TINY}
+    require_data(case["image"])
+    common = {"dataset_dir": str(SAMPLE_DATA), **COARSE_TINY}
     bundle_run(
         "training",
         ["configs/train.json", *case["variant"], "configs/variants/cascade_stage1.json"],
@@ -127,7 +127,7 @@ def test_both_stages_train_and_one_inference_call_runs_both(dataset, tmp_path):
             "infer_window": case["infer_window"],
         },
     )
-    source, seg = itk.imread(str(SHARED_DATA / case["image"])), itk.imread(str(tmp_path / "out" / case["seg"]))
+    source, seg = itk.imread(str(SAMPLE_DATA / case["image"])), itk.imread(str(tmp_path / "out" / case["seg"]))
     assert itk.GetArrayFromImage(seg).shape == itk.GetArrayFromImage(source).shape
     assert set(np.unique(itk.GetArrayFromImage(seg))) <= set(range(case["classes"]))
     # the geometry is the input's: the datalist's voxel size in x and y, the file's origin

@@ -11,7 +11,7 @@ import torch
 from ignite.engine import Engine
 
 from bundle_cli import TINY, bundle_run
-from conftest import BUNDLE, CONFIG_NETWORK, SHARED_DATA, require_shared
+from conftest import BUNDLE, CONFIG_NETWORK, SAMPLE_DATA, require_data
 from scripts.checkpoints import BestCheckpoint, TrainingCheckpoint
 from scripts.io import InputError, load_weights
 from scripts.networks import HybridUNet2D3D
@@ -22,7 +22,7 @@ RESUMABLE = {**TINY, "train_window": [192, 192, 1], "max_epochs": 14, "save_minu
 
 def _platelet(tmp_path, name):
     return {
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "ckpt_dir": str(tmp_path / name),
         "output_dir": str(tmp_path / f"{name}_eval"),
     }
@@ -51,7 +51,7 @@ def _saved_epoch(path):
 
 
 def test_training_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     bundle_run("training", ["configs/train.json"], {**RESUMABLE, **_platelet(tmp_path, "whole")})
 
     killed = _platelet(tmp_path, "killed")
@@ -77,7 +77,7 @@ def test_training_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_r
 
 
 def test_a_second_run_does_not_replace_the_first_runs_checkpoints(tmp_path):
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"earlier run")
     result = bundle_run("training", ["configs/train.json"], {**TINY, **_platelet(tmp_path, "models")}, check=False)

@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, SHARED_DATA, require_shared
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 from scripts.crf import CRFRNN, BilateralMessage, NetworkWithCRF, _pair_offsets
 from scripts.losses import WeightedCrossEntropyLoss
 from scripts.networks import HybridUNet2D3D
@@ -154,7 +154,7 @@ def _real_crop(dataset: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     files["isbi2012"] = ("isbi2012/images.tif", "isbi2012/labels.tif", (4.0, 4.0, 50.0))
     image_file, label_file, spacing = files[dataset]
     arrays = []
-    for path in require_shared(image_file, label_file):
+    for path in require_data(image_file, label_file):
         array = itk.GetArrayFromImage(itk.imread(str(path))).astype(np.float32)
         array = array[None] if array.ndim == 2 else array  # a single page has no z
         arrays.append(torch.from_numpy(array.transpose(2, 1, 0)[200:264, 200:264, :5].copy()))  # (Z, Y, X) -> X, Y, Z
@@ -256,9 +256,9 @@ def test_two_stage_recipe_through_the_cli(dataset, tmp_path, monkeypatch):
     """Stage 1 trains the network alone, stage 2 the stack from its checkpoint, inference runs the stack (with
     ensemble.json stacked after the variant on the platelet slice)."""
     case = CASES[dataset]
-    require_shared(case["image"])
+    require_data(case["image"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' kernels are small: see one_thread
-    common = {"dataset_dir": str(SHARED_DATA)}
+    common = {"dataset_dir": str(SAMPLE_DATA)}
     train = {**common, **STEP, **case["windows"]}
     bundle_run(
         "training",
@@ -291,7 +291,7 @@ def test_two_stage_recipe_through_the_cli(dataset, tmp_path, monkeypatch):
     else:
         inference["ckpt_path"] = str(tmp_path / "s2" / "model.pt")
     bundle_run("inference", ["configs/inference.json", *case["variant"], *stage2, *ensemble], inference)
-    source, seg = itk.imread(str(SHARED_DATA / case["image"])), itk.imread(str(tmp_path / "out" / case["seg"]))
+    source, seg = itk.imread(str(SAMPLE_DATA / case["image"])), itk.imread(str(tmp_path / "out" / case["seg"]))
     assert itk.GetArrayFromImage(seg).shape == itk.GetArrayFromImage(source).shape
 
 

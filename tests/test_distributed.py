@@ -6,16 +6,16 @@ import zarr
 from numpy.testing import assert_array_equal
 
 from bundle_cli import TINY, TORCHRUN_2, bundle_run
-from conftest import CONFIG_NETWORK, SHARED_DATA, require_shared
+from conftest import CONFIG_NETWORK, SAMPLE_DATA, require_data
 from scripts.networks import HybridUNet2D3D
 
 
 def test_two_process_blockwise_inference_equals_one_process(tmp_path):
-    require_shared("isbi2012/images.tif")
+    require_data("isbi2012/images.tif")
     torch.manual_seed(0)
     torch.save(HybridUNet2D3D(out_channels=2, features=4, **CONFIG_NETWORK).state_dict(), tmp_path / "model.pt")
     common = {
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "datalist": "$@bundle_root + '/configs/datalists/isbi2012.json'",
         "class_names": ["cell interior", "membrane"],
         "target_spacing": [4.0, 4.0, 50.0],
@@ -37,10 +37,10 @@ def test_two_process_blockwise_inference_equals_one_process(tmp_path):
 
 
 def test_two_process_data_parallel_training_through_the_cli(tmp_path):
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     overrides = {
         **TINY,
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "windows_per_volume": 4,  # 2 steps of 2 windows per rank
         "max_epochs": 1,
         "output_dir": str(tmp_path / "eval"),

@@ -5,7 +5,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, SHARED_DATA, require_shared
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 from scripts.ensembles import EnsembleNetwork
 from scripts.networks import HybridUNet2D3D
 
@@ -42,7 +42,7 @@ def test_bad_ensemble_settings_are_named():
 def test_two_model_ensemble_through_the_cli_writes_the_mean_probabilities(tmp_path):
     """Through ``run inference`` on the real platelet slice: the ensemble's probability map is the mean of the two
     members' probability maps, and the label volume is its argmax."""
-    require_shared("platelet/50-slice0-image.tif")
+    require_data("platelet/50-slice0-image.tif")
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "inference.json"))
     parser["bundle_root"] = str(BUNDLE)
@@ -54,7 +54,7 @@ def test_two_model_ensemble_through_the_cli_writes_the_mean_probabilities(tmp_pa
             tmp_path / f"m{seed}.pt",
         )
     common = {
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "network_def#features": 8,
         # one window over the whole slice: with instance normalisation a voxel's logits depend on its window, so
         # blending the ensemble's mean over overlapping windows differs from averaging blended members

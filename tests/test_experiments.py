@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE, SHARED_DATA, require_shared
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 from scripts.experiments import ExperimentRunner, table1_rows, variant_files
 
 TINY_RUN = {
@@ -37,14 +37,14 @@ def _runner_command(workdir, overrides=TINY_RUN):
         "--workdir",
         str(workdir),
         "--dataset_dir",
-        str(SHARED_DATA),
+        str(SAMPLE_DATA),
         "--overrides",
         json.dumps(overrides),
     ]
 
 
 def test_runner_trains_ranks_tabulates_and_resumes_on_platelet(tmp_path):
-    require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
     workdir = tmp_path / "table1"
     first = subprocess.run(_runner_command(workdir), cwd=BUNDLE, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-5000:]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bundle_cli import TINY, TRAINING_ONLY, bundle_run
-from conftest import SHARED_DATA, require_shared
+from conftest import SAMPLE_DATA, require_data
 
 UNET = ["configs/variants/fibsem_unet.json"]
 EFFICIENTNET = ["configs/variants/fibsem_unet.json", "configs/variants/fibsem_efficientnet.json"]
@@ -28,9 +28,9 @@ RECIPE_TINY = {
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 @pytest.mark.parametrize("variant", [UNET, EFFICIENTNET], ids=["unet_bn_dropout", "efficientnet_b4"])
 def test_variant_trains_and_infers(variant, dataset, tmp_path):
-    require_shared("platelet/50-slice0-image.tif", "isbi2012/images.tif")
+    require_data("platelet/50-slice0-image.tif", "isbi2012/images.tif")
     data_variant, seg_name, seg_shape, classes = DATASETS[dataset]
-    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path)}
+    common = {"dataset_dir": str(SAMPLE_DATA), "output_dir": str(tmp_path)}
     overrides = {**RECIPE_TINY, **common}
     if variant == UNET:  # a narrow U-Net; EfficientNet-B4 keeps its own widths
         overrides["network_def#network#features"] = [8, 8, 16, 32, 64, 8]

@@ -8,7 +8,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from scipy import ndimage as ndi
 
-from conftest import require_shared
+from conftest import require_data
 from scripts.grain_filter import GrainFilterd, grain_filter, grain_filters
 
 
@@ -183,7 +183,7 @@ def test_transform_3d_mode_and_plain_tensor():
 
 
 def test_real_isbi_sections():
-    (path,) = require_shared("isbi2012/images.tif")
+    (path,) = require_data("isbi2012/images.tif")
     stack = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(path))
     assert tuple(stack.shape) == (1, 512, 512, 20)
     sections = stack[..., [0, 13]]  # two sections keep the test short

@@ -6,19 +6,18 @@ import sys
 import pytest
 import torch
 
-from conftest import BUNDLE, REPO
+from conftest import BUNDLE, METADATA_SCHEMA, REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import check_model_zoo  # noqa: E402
 
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
-
 
 def test_all_model_zoo_checks_pass():
-    if not SCHEMA.is_file():
-        pytest.skip(f"metadata schema {SCHEMA} not found beside the checkout")
     result = subprocess.run(
-        [sys.executable, "tools/check_model_zoo.py", "--schema", str(SCHEMA)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "tools/check_model_zoo.py", "--schema", str(METADATA_SCHEMA)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert "7 of 7 model-zoo checks passed" in result.stdout
@@ -54,7 +53,7 @@ def test_version_without_changelog_and_bad_indent_fail(bundle_copy):
     metadata = bundle_copy / "configs" / "metadata.json"
     metadata.write_text(metadata.read_text().replace('"version": "', '"version": "9.9.9-', 1))
     with pytest.raises(check_model_zoo.CheckFailed, match="no changelog entry"):
-        check_model_zoo.check_metadata(SCHEMA)
+        check_model_zoo.check_metadata(METADATA_SCHEMA)
     (bundle_copy / "configs" / "inference.json").write_text('{\n  "a": 1\n}\n')
     with pytest.raises(check_model_zoo.CheckFailed, match="indented by 2"):
         check_model_zoo.check_json_format()

@@ -36,7 +36,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from conftest import BUNDLE, REPO, require_shared
+from conftest import BUNDLE, REPO, require_data
 from scripts.crf import NetworkWithCRF
 from scripts.variant_bundle import write_variant_bundle
 
@@ -270,7 +270,7 @@ def _stop(process: subprocess.Popen) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Start ``monailabel start_server`` (from .venv-label) on a free loopback port with the bundle and studies."""
     _require_label_env()
-    platelet, isbi = require_shared("platelet/50-slice0-image.tif", "isbi2012/images.tif")
+    platelet, isbi = require_data("platelet/50-slice0-image.tif", "isbi2012/images.tif")
     root = tmp_path_factory.mktemp("monailabel")
     app, bundle = _build_app(root)
     studies = _build_studies(root, platelet, isbi)
@@ -393,7 +393,7 @@ def test_infer_2d_and_3d_studies(server: Server) -> None:
         labels[study], result, _, _ = _infer(server, study)
         assert result["label_names"] == _expected_labels()
     # the shipped weights are trained: on the 2D study (a crop of the platelet training region) most voxels are right
-    truth = itk.array_from_image(itk.imread(str(require_shared("platelet/50-slice0-labels.tif")[0])))[PLATELET_CROP]
+    truth = itk.array_from_image(itk.imread(str(require_data("platelet/50-slice0-labels.tif")[0])))[PLATELET_CROP]
     accuracy = float((labels[STUDY_2D] == truth).mean())
     assert accuracy > MIN_ACCURACY, f"shipped model: pixel accuracy {accuracy:.3f} on the 2D study"
     # the TorchScript export alone serves the same segmentation
@@ -411,7 +411,7 @@ def test_save_labels_and_train(server: Server) -> None:
     """Labels saved through the datastore train the model from the trainer options Slicer sends; the new
     checkpoint is written and serves the next inference."""
     # The 2D study gets its ground truth, stored as Slicer stores a single-section labelmap (NIfTI, depth 1).
-    truth = itk.array_from_image(itk.imread(str(require_shared("platelet/50-slice0-labels.tif")[0])))
+    truth = itk.array_from_image(itk.imread(str(require_data("platelet/50-slice0-labels.tif")[0])))
     truth_path = server.work / f"{STUDY_2D}_label.nii.gz"
     itk.imwrite(itk.image_from_array(np.ascontiguousarray(truth[PLATELET_CROP][None])), str(truth_path), True)
     # The 3D study gets its own prediction back, as a user who accepts a segmentation submits it.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_shared
+from conftest import require_data
 from scripts.objects import describe, detect_objects, mask_outline, missed_object_mask, object_report
 
 PLATELET_CLASSES = [
@@ -153,7 +153,7 @@ def test_missed_object_mask_and_outline():
 def platelet_label() -> np.ndarray:
     from monai.transforms import LoadImage
 
-    (path,) = require_shared("platelet/50-slice0-labels.tif")
+    (path,) = require_data("platelet/50-slice0-labels.tif")
     label = np.asarray(LoadImage(reader="ITKReader", image_only=True)(str(path)))
     assert label.shape == (800, 800)
     return np.rint(label).astype(np.int64)[..., None]  # one section: (X, Y, 1)

@@ -12,7 +12,7 @@ import yaml
 from monai.bundle import ConfigParser, load
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, REPO, SHARED_DATA, require_shared
+from conftest import BUNDLE, REPO, SAMPLE_DATA, require_data
 
 RESULTS = json.loads((BUNDLE / "docs" / "results.json").read_text())
 
@@ -45,8 +45,8 @@ def test_shipped_files_are_listed_small_and_load_as_users_load_them():
 def test_first_inference_after_cloning_gives_the_model_cards_figures(tmp_path):
     """Plain ``run inference --config_file configs/inference.json`` with the shipped weights on the platelet slice,
     then the evaluation: MIoU within 0.01 of docs/results.json, and the model card prints those figures."""
-    require_shared("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
-    common = {"dataset_dir": str(SHARED_DATA), "output_dir": str(tmp_path)}
+    require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    common = {"dataset_dir": str(SAMPLE_DATA), "output_dir": str(tmp_path)}
     bundle_run("inference", ["configs/inference.json"], common)
     bundle_run("evaluating", ["configs/evaluate.json"], common)
     mean = json.loads((tmp_path / "metrics.json").read_text())["mean"]

@@ -12,12 +12,11 @@ from monai.bundle import ConfigParser, verify_metadata
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from conftest import BUNDLE, REPO
+from conftest import BUNDLE, METADATA_SCHEMA
 from scripts.io import load_class_schema, write_volume_atomically
 from scripts.synthetic import write_synthetic_dataset
 from scripts.tasks import MapLabelsd, load_task
 
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 METADATA = BUNDLE / "configs" / "metadata.json"
 # source classes: 0 background, 1 cell, 2 mitochondrion, 3 alpha granule, 4 canalicular vessel,
 # 5 dense granule body, 6 dense granule core
@@ -190,8 +189,7 @@ def test_three_class_task_drives_network_metadata_and_evaluation(tmp_path):
     assert pred_format["channel_def"] == {"0": "cell", "1": "background", "2": "organelle"}
     assert pred_format["num_channels"] == 3
     assert load_class_schema(written) == {"names": ["cell", "background", "organelle"], "organelles": [2]}
-    if SCHEMA.is_file():
-        verify_metadata(meta_file=str(written), filepath=str(SCHEMA))  # raises on a schema violation
+    verify_metadata(meta_file=str(written), filepath=str(METADATA_SCHEMA))  # raises on a schema violation
 
     # evaluation: ground truth mapped to the task, a 3-class table; ignored voxels do not count
     datalist = write_synthetic_dataset(tmp_path / "data", shape=(32, 32, 2))

@@ -4,7 +4,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from conftest import require_shared
+from conftest import require_data
 from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd, ValidateVolumed
 
 
@@ -72,7 +72,7 @@ def test_validate_volume_accepts_ignore_index():
 
 
 def test_real_tiff_axis_order_is_x_y_z():
-    (image_path,) = require_shared("isbi2012/images.tif")
+    (image_path,) = require_data("isbi2012/images.tif")
     import itk
 
     pages = itk.GetArrayFromImage(itk.imread(str(image_path)))  # (z, y, x) as stored
@@ -83,7 +83,7 @@ def test_real_tiff_axis_order_is_x_y_z():
 
 
 def test_real_single_page_becomes_depth_one_volume():
-    (image_path,) = require_shared("platelet/50-slice0-image.tif")
+    (image_path,) = require_data("platelet/50-slice0-image.tif")
     loaded = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(image_path))
     volume = AddSectionAxisd("image", section_thickness=50.0)({"image": loaded})["image"]
     assert volume.shape == (1, 800, 800, 1)

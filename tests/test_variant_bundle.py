@@ -6,12 +6,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 
-from conftest import BUNDLE, REPO
+from conftest import BUNDLE, METADATA_SCHEMA
 from scripts.crf import NetworkWithCRF
 from scripts.io import InputError
 from scripts.variant_bundle import write_variant_bundle
-
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 
 
 def _parsed(bundle, config, key):
@@ -54,7 +52,7 @@ def test_task_bundle_metadata_names_the_task_classes(tmp_path):
     metadata = json.loads((out / "configs" / "metadata.json").read_text())
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "mitochondrion"} and pred["num_channels"] == 2
-    verify_metadata(meta_file=str(out / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    verify_metadata(meta_file=str(out / "configs" / "metadata.json"), filepath=str(METADATA_SCHEMA))
     # the data's label schema stays the one the task maps from
     source = json.loads((out / "configs" / "label_schema.json").read_text())
     assert source == json.loads((BUNDLE / "configs" / "metadata.json").read_text())

@@ -6,9 +6,10 @@ import json
 import itk
 import numpy as np
 import pytest
+import torch
 
 from bundle_cli import TRAINING_ONLY, bundle_run
-from conftest import SHARED_DATA, require_shared
+from conftest import SAMPLE_DATA, require_data
 
 VARIANTS = {
     "ablation_no_3x3x3": 3,
@@ -22,12 +23,12 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_trains_two_steps_and_infers_on_isbi(variant, tmp_path):
-    require_shared("isbi2012/images.tif", "isbi2012/labels.tif")
+    require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     depth = VARIANTS[variant]
     window, whole = [64, 64, depth], [208, 208, depth]  # validate and infer with few, large windows
     files = ["configs/variants/isbi2012.json", f"configs/variants/{variant}.json"]
     overrides = {
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "output_dir": str(tmp_path),
         "train_window": window,
         "val_window": whole,
@@ -57,9 +58,9 @@ def test_variant_trains_two_steps_and_infers_on_isbi(variant, tmp_path):
 
 def test_em_defect_augmentations_switch_on_through_the_config(tmp_path):
     """Missing section, misalignment, section blur and CutBlur, all switched on, train on real ISBI windows."""
-    require_shared("isbi2012/images.tif", "isbi2012/labels.tif")
+    require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     overrides = {
-        "dataset_dir": str(SHARED_DATA),
+        "dataset_dir": str(SAMPLE_DATA),
         "output_dir": str(tmp_path),
         "ckpt_dir": str(tmp_path / "m"),
         "network_def#features": 8,
@@ -73,3 +74,26 @@ def test_em_defect_augmentations_switch_on_through_the_config(tmp_path):
     }
     bundle_run("training", ["configs/train.json", "configs/variants/isbi2012.json"], overrides)
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("dataset", ["drosophila_vnc", "cdeep3m_mito"])
+def test_licensed_data_set_variant_trains_and_validates(dataset, tmp_path):
+    """The Drosophila VNC and CDeep3M variants (data under non-commercial licences, read from ../shared/data) train
+    a few steps on their training sections and validate on their held-back ones."""
+    require_data(f"{dataset}/images.tif", f"{dataset}/labels.tif")
+    overrides = {
+        "network_def#features": 8,
+        "train_window": [128, 128, 1],
+        "val_window": [512, 512, 1],
+        "windows_per_volume": 4,
+        "batch_size": 2,
+        "max_epochs": 2,
+        "val_interval": 4,
+        "output_dir": str(tmp_path / "eval"),
+        "ckpt_dir": str(tmp_path / "m"),
+    }
+    bundle_run("training", ["configs/train.json", f"configs/variants/{dataset}.json"], overrides)
+    assert json.loads((tmp_path / "eval" / "training_summary.json").read_text())["steps"] == 4
+    state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)  # written by the validation at step 4
+    classes = 5 if dataset == "drosophila_vnc" else 2
+    assert state["predictor_3d.weight"].shape[0] == classes

@@ -9,7 +9,7 @@ import tifffile
 import zarr
 from monai.transforms import LoadImage
 
-from conftest import require_shared
+from conftest import require_data
 from scripts.volumes import ZarrLabelWriter, open_volume, zarr_labels_to_file
 
 XYZ = np.random.default_rng(0).integers(0, 255, (12, 10, 4)).astype(np.uint8)  # distinct sizes catch transpositions
@@ -117,7 +117,7 @@ def test_single_tiff_page_is_a_volume_of_depth_one(tmp_path):
 
 
 def test_isbi_crop_matches_itk():
-    (path,) = require_shared("isbi2012/images.tif")
+    (path,) = require_data("isbi2012/images.tif")
     reference = LoadImage(reader="ITKReader", image_only=True)(str(path)).numpy()
     with open_volume(path) as volume:
         assert volume.shape == reference.shape == (512, 512, 20)

@@ -12,7 +12,7 @@ Checks, each reported as PASS or FAIL with the reason:
 6. no file tracked by git over 25 MB;
 7. ``flake8``, ``black --check`` and ``isort --check`` at line length 120.
 
-Usage (from the repository root): python tools/check_model_zoo.py [--schema ../shared/schemas/meta_schema_20240725.json]
+Usage (from the repository root): python tools/check_model_zoo.py [--schema tools/schemas/meta_schema_20240725.json]
 Exits 1 if any check fails.
 """
 
@@ -153,7 +153,7 @@ def check_code_style() -> str:
     return f"flake8, black, isort clean at line length 120 in {dirs}"
 
 
-def main(schema: str = str(REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json")) -> None:
+def main(schema: str = str(REPO / "tools" / "schemas" / "meta_schema_20240725.json")) -> None:
     """Run every check, print PASS/FAIL lines, exit 1 if any failed."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("required files", check_required_files),

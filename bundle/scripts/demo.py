@@ -1,8 +1,7 @@
 """The main job end to end on real sample data: train, segment, evaluate, draw.
 
 Runs the bundle's own CLI (``python -m monai.bundle run ...``) exactly as a user would, from the bundle root.
-Uses the real platelet SBF-SEM slice in ``../shared/data`` beside the checkout; where it is absent (a fresh
-clone) it says so and falls back to a synthetic EM-like volume with the same seven classes.
+Uses the real platelet SBF-SEM slice that ships in the repository's ``sample_data/``.
 
 Usage (from ``bundle/``): ``python -m scripts.demo --workdir ../runs/demo``
 """
@@ -19,13 +18,11 @@ import fire
 import numpy as np
 from monai.transforms import LoadImage
 
-from scripts.io import load_class_schema, load_datalist, output_path
+from scripts.io import data_root, load_class_schema, load_datalist, output_path
 from scripts.pictures import save_comparison_png
-from scripts.synthetic import write_synthetic_dataset
 from scripts.transforms import AddSectionAxisd, CropRegiond
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
 DEMO_VARIANT = "configs/variants/demo_cpu.json"
 
 
@@ -38,27 +35,16 @@ def _bundle_run(run_id: str, config_files: list[str], overrides: dict) -> None:
     subprocess.run(command, cwd=BUNDLE_ROOT, check=True)
 
 
-def main(workdir: str = "../runs/demo", data_dir: str | None = None) -> None:
-    """Train on the platelet slice (or synthetic data), segment it, print metrics and write a picture.
+def main(workdir: str = "../runs/demo") -> None:
+    """Train on the platelet slice, segment it, print metrics and write a picture.
 
     Args:
         workdir: where checkpoints, predictions, metrics and the picture go (relative to ``bundle/``).
-        data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
     """
     start = time.time()
     workdir = (BUNDLE_ROOT / workdir).resolve()
-    data_dir = Path(data_dir) if data_dir else SHARED_DATA
-    if (data_dir / "platelet" / "50-slice0-image.tif").exists():
-        datalist, dataset_dir = BUNDLE_ROOT / "configs" / "datalists" / "platelet.json", data_dir
-        print(f"real EM: platelet SBF-SEM slice from {data_dir / 'platelet'}")
-    else:
-        print(
-            f"real sample data not found at {data_dir}/platelet (it ships beside the project checkout, not in it):\n"
-            "falling back to a SYNTHETIC EM-like volume with the same seven classes; its figures say nothing "
-            "about real EM."
-        )
-        dataset_dir = workdir / "synthetic_data"
-        datalist = write_synthetic_dataset(dataset_dir)
+    datalist, dataset_dir = BUNDLE_ROOT / "configs" / "datalists" / "platelet.json", data_root("platelet")
+    print(f"real EM: platelet SBF-SEM slice from {dataset_dir / 'platelet'}")
     common = {"dataset_dir": dataset_dir, "datalist": datalist, "output_dir": workdir / "eval"}
     _bundle_run(
         "training", ["configs/train.json", DEMO_VARIANT], {**common, "ckpt_dir": workdir / "models", "overwrite": True}

@@ -25,6 +25,11 @@ from monai.transforms import MapTransform
 
 logger = logging.getLogger(__name__)
 
+#: the public platelet and ISBI 2012 samples, shipped in the repository beside ``bundle/``
+SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
+#: data sets under non-commercial licences (Drosophila VNC, CDeep3M), kept in ``../shared/data`` beside the checkout
+SHARED_DATA = Path(os.environ.get("EM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
 VOLUME_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
 
@@ -33,6 +38,13 @@ class InputError(ValueError):
 
     On the command line it is printed as the last line of stderr, without a traceback (``scripts.preflight``).
     """
+
+
+def data_root(dataset: str) -> Path:
+    """The folder that holds ``dataset`` (``platelet``, ``isbi2012``, ``drosophila_vnc``, ...): the repository's
+    ``sample_data/`` where it ships there, else the shared data beside the checkout (for the tools and tests that
+    run from a checkout; the configs name their own ``dataset_dir``)."""
+    return SAMPLE_DATA if (SAMPLE_DATA / dataset).is_dir() else SHARED_DATA
 
 
 def volume_suffix(path: str | os.PathLike) -> str:

@@ -28,10 +28,9 @@ import fire
 import torch
 import yaml
 
-from scripts.io import atomic_path
+from scripts.io import atomic_path, data_root
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = BUNDLE_ROOT.parent.parent / "shared" / "data"
 RECIPE = ["configs/train.json"]
 SHIPPED = ["models/model.pt", "models/model.ts"]
 RESULTS = BUNDLE_ROOT / "docs" / "results.json"
@@ -88,11 +87,11 @@ def main(
         val_interval: validation (and best-checkpoint) interval in steps.
         workdir: training checkpoints, predictions and evaluation (relative to ``bundle/``).
         train: False reuses ``<workdir>/models/model.pt`` from an earlier call.
-        data_dir: the shared data directory; default ``../shared/data`` beside the checkout.
+        data_dir: the folder holding ``platelet/``; default the repository's ``sample_data``.
     """
     start = time.time()
     workdir = (BUNDLE_ROOT / workdir).resolve()
-    data_dir = Path(data_dir).resolve() if data_dir else SHARED_DATA
+    data_dir = Path(data_dir).resolve() if data_dir else data_root("platelet")
     if not (data_dir / "platelet" / "50-slice0-image.tif").exists():
         sys.exit(f"the real platelet slice is not in {data_dir}/platelet: the shipped model is trained on it only")
     checkpoint = workdir / "models" / "model.pt"

@@ -1,5 +1,5 @@
-"""A small synthetic EM-like volume with the platelet data set's seven classes, for unit tests and the demo
-fallback when the real sample data (``../shared/data``) is absent. Not a substitute for real EM."""
+"""A small synthetic EM-like volume with the platelet data set's seven classes, for unit tests only: every
+capability is also tested on the real EM in ``sample_data/``. Not a substitute for real EM."""
 
 from __future__ import annotations
 
