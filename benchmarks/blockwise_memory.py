@@ -32,6 +32,9 @@ sys.path.insert(0, str(REPO / "bundle"))
 from scripts.blockwise import BlockwiseInference  # noqa: E402
 from scripts.volumes import open_volume  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
+
 DEPTH = 64
 CHUNKS_ZYX = (32, 256, 256)
 CLASSES = 2
@@ -133,11 +136,7 @@ def main(
     print(f"volume {shape} (x, y, z) = {count / 1e9:.3f} gigavoxels, {CLASSES} classes, blocks {block_size}")
     print(f"block-wise peak RSS      {peak / 2**30:6.2f} GiB  ({seconds:.0f} s)")
     print(f"MONAI sliding window  >= {monai / 2**30:6.2f} GiB  (float32 input + {CLASSES} class maps + count map)")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, output)
+    write_report(result, output)
 
 
 if __name__ == "__main__":

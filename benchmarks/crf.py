@@ -36,6 +36,9 @@ from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.losses import WeightedCrossEntropyLoss  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
+
 WINDOW = (296, 296, 5)
 CLASSES = 7
 MODELS = {
@@ -246,8 +249,7 @@ def main(
         work = Path(workdir).resolve()
         report["accuracy"] = accuracy(list(datasets), data, work, stage1_epochs, stage2_epochs, training_threads)
     print(json.dumps(report, indent=2))
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(report, indent=2))
+    write_report(report, output)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Usage: python benchmarks/grain_filter.py [--repeats 3] [--output benchmarks/resu
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 from scripts.grain_filter import grain_filter, grain_filters  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
 
 SLICE = SAMPLE_DATA / "platelet" / "50-slice0-image.tif"
 
@@ -60,10 +62,7 @@ def main(repeats: int = 3, output: str = "benchmarks/results/grain_filter.json",
     result["distinct_levels_after"] = {str(a): int(np.unique(f).size) for a, f in zip((650, 3200), filtered)}
     for key, value in result.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
-    out = REPO / output if not Path(output).is_absolute() else Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {out}")
+    write_report(result, output)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import write_report  # noqa: E402
 from train_step import matmul_gflops  # noqa: E402
 
 from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
@@ -272,12 +272,9 @@ def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     parts = {"speed": speed, "bf16": bf16}
     if part not in parts:
         sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
-    report = {"part": part, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), **parts[part](**kwargs)}
+    report = {"part": part, **parts[part](**kwargs)}
     print(json.dumps(report, indent=2))
-    path = REPO / (output or f"benchmarks/results/inference_{part}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"json: {path}")
+    write_report(report, output or f"benchmarks/results/inference_{part}.json")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,9 @@ BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
 from scripts.io import atomic_path, data_root, write_csv_atomically  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
 
 #: data set -> (datalist, data set variant file, a file that must exist under the data directory)
 DATASETS = {
@@ -244,31 +246,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def _environment() -> dict:
-    """CPU model and flags, commit and library versions: a figure is tied to the code and machine that printed it."""
-    import monai
-    import torch
-
-    flags = ""
-    model = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1]
-                break
-    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2", "fma")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {
-        "cpu": model,
-        "cpu_flags": [f for f in wanted if f in flags.split()],
-        "cpus": os.cpu_count(),
-        "commit": commit,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
-    }
-
-
 def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results") -> None:
     """Write and print the per-data-set tables, the summary and the plot from the finished instances."""
     results = _collect((REPO / workdir).resolve())
@@ -305,9 +282,7 @@ def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results
     with atomic_path(out / "recipe_study_summary.md") as tmp:
         tmp.write_text(summary_text)
     _plot(rows, out / "recipe_study_summary.png")
-    report = {"environment": _environment(), "rows": rows, "instances": results}
-    with atomic_path(out / "recipe_study.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    write_report({"rows": rows, "instances": results}, out / "recipe_study.json")
     print("\n".join(printed) + "\n" + summary_text)
 
 

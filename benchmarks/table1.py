@@ -13,7 +13,6 @@ Usage (from the repository root): python benchmarks/table1.py [--instances 3] [-
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import time
@@ -25,6 +24,9 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 sys.path.insert(0, str(BUNDLE))
 from scripts.experiments import ExperimentRunner  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
 
 VARIANTS = ["hybrid", "ablation_no_3x3x3", "ablation_no_multiloss", "ablation_no_pyramid", "baseline_unet2d"]
 QUARTER_WIDTH_UNET2D = {"network_def#network#features": [16, 32, 64, 128, 256, 16]}
@@ -68,10 +70,8 @@ def main(
         "instances": per_instance,
         "seconds_this_call": round(time.time() - start, 1),
     }
-    output = BUNDLE.parent / output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"\nTable 1 (markdown): {workdir / 'table1.md'}\nper class: {workdir / 'per_class.md'}\njson: {output}")
+    print(f"\nTable 1 (markdown): {workdir / 'table1.md'}\nper class: {workdir / 'per_class.md'}")
+    write_report(report, output)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import fire
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 RECIPE = ["configs/variants/demo_cpu.json"]
@@ -149,10 +152,8 @@ def main(
         print(f"{name} IoU: " + ", ".join(f"{c} {v:.3f}" for c, v in r["iou"].items()))
         costs = [f"{k} {p['seconds']} s {p['peak_rss_mib']} MiB" for k, p in r["processes"].items()]
         print(f"{name} processes: " + ", ".join(costs))
-    path = REPO / output
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"total {report['seconds_total']} s; json: {path}")
+    print(f"total {report['seconds_total']} s")
+    write_report(report, output)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 from scripts.losses import WeightedCrossEntropyLoss  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
+from provenance import write_report  # noqa: E402
+
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """float32 GFLOP/s of a ``size`` x ``size`` matrix product, the best of ``repeats`` after a warm-up."""
@@ -62,8 +65,7 @@ def main(steps: int = 3, output: str = "benchmarks/results/train_step.json") -> 
         "matmul_fp32_gflops": matmul_gflops(),
     }
     print(json.dumps(result, indent=2))
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=2))
+    write_report(result, output)
 
 
 if __name__ == "__main__":
