@@ -33,3 +33,17 @@ def test_bf16_hooks_run_the_forward_in_bf16_and_keep_the_checkpoint_keys(capsys)
     assert not torch.is_autocast_enabled("cpu")  # the context is left after the forward
     torch.testing.assert_close(out.float(), plain(x), atol=0.1, rtol=0.1)
     assert precision.with_precision(plain, "float32", "cpu")(x).dtype == torch.float32
+
+
+def test_blockwise_inference_follows_the_precision_setting():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+
+    assert precision.blockwise_bf16("auto", "cpu") == (precision.resolve_precision("auto", "cpu") == "bf16")
+    assert precision.blockwise_bf16("bf16", "cpu") and not precision.blockwise_bf16("float32", "cpu")
+    for asked in ("float32", "bf16"):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs/inference.json"), str(BUNDLE / "configs/large_volume.json")])
+        parser.update({"bundle_root": str(BUNDLE), "precision": asked, "device": "cpu"})
+        assert parser.get_parsed_content("bf16") == (asked == "bf16")

@@ -39,6 +39,14 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+def blockwise_bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether block-wise inference runs under bfloat16 autocast: where ``precision`` resolves to bf16 on a CPU, and
+    on a CUDA GPU that supports bf16 unless ``precision`` is ``float32``."""
+    if torch.device(device).type == "cuda":
+        return precision != "float32" and torch.cuda.is_bf16_supported()
+    return resolve_precision(precision, device) == "bf16"
+
+
 class _AutocastHooks:
     """Enter a CPU bfloat16 autocast before the module's forward and leave it after: the module, its parameter
     names and its checkpoints stay those of the plain network (a wrapper module would prefix every key)."""
