@@ -60,6 +60,7 @@ def _infer_and_evaluate(root, common, ckpt, name, extra=None):
 
 
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
+@pytest.mark.slow
 def test_max_minutes_ends_training_validates_and_keeps_the_best(platelet_run):
     root = platelet_run["root"]
     summary = json.loads((root / "eval" / "training_summary.json").read_text())
@@ -70,6 +71,7 @@ def test_max_minutes_ends_training_validates_and_keeps_the_best(platelet_run):
 
 
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
+@pytest.mark.slow
 def test_default_recipe_beats_untrained_and_finds_organelles(platelet_run):
     root, common = platelet_run["root"], platelet_run["common"]
     assert "val_miou_org" in platelet_run["train_log"] and "iou_mitochondrion" in platelet_run["train_log"]
@@ -94,6 +96,7 @@ def test_default_recipe_beats_untrained_and_finds_organelles(platelet_run):
 
 
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
+@pytest.mark.slow
 def test_bf16_inference_agrees_with_float32_on_real_em(platelet_run):
     """The accuracy guard of precision "auto": bf16 labels agree with float32 on >= 99.5 % of the voxels of the real
     platelet slice, and validation MIoU moves by less than 0.005."""
@@ -114,6 +117,7 @@ def test_bf16_inference_agrees_with_float32_on_real_em(platelet_run):
 
 
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
+@pytest.mark.slow
 def test_probability_maps_on_request(platelet_run):
     root, common = platelet_run["root"], platelet_run["common"]
     out = {**common, "output_dir": str(root / "prob")}
@@ -131,6 +135,7 @@ def test_probability_maps_on_request(platelet_run):
 
 
 @pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
+@pytest.mark.slow
 def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
     """A real ISBI sub-stack saved as NIfTI with a 4x4x50 nm affine segments into NIfTI on the same grid."""
     (images,) = require_data("isbi2012/images.tif")
@@ -155,6 +160,7 @@ def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
     np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_isbi_stack_trains_resamples_and_keeps_geometry(tmp_path):
     """ISBI voxels (4 x 4 x 50 nm) are resampled to 8 x 8 x 50 nm for the network and back onto the input grid."""
     require_data("isbi2012/images.tif", "isbi2012/labels.tif")

@@ -94,6 +94,7 @@ def test_coarse_probabilities_are_stage_one_on_the_down_sampled_image(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
+@pytest.mark.slow
 def test_both_stages_train_and_one_inference_call_runs_both(dataset, tmp_path):
     case = DATASETS[dataset]
     require_data(case["image"])

@@ -50,6 +50,7 @@ def _saved_epoch(path):
         return 0
 
 
+@pytest.mark.slow
 def test_training_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     require_data("platelet/50-slice0-image.tif")
     bundle_run("training", ["configs/train.json"], {**RESUMABLE, **_platelet(tmp_path, "whole")})

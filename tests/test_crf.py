@@ -252,6 +252,7 @@ CRF_TINY = {"stage1_network_def#features": 8, "crf_def#window": [3, 3, 3], "crf_
 
 
 @pytest.mark.parametrize("dataset", sorted(CASES))
+@pytest.mark.slow
 def test_two_stage_recipe_through_the_cli(dataset, tmp_path, monkeypatch):
     """Stage 1 trains the network alone, stage 2 the stack from its checkpoint, inference runs the stack (with
     ensemble.json stacked after the variant on the platelet slice)."""

@@ -1,6 +1,7 @@
 """torch.distributed through the bundle's CLI, as ``torchrun`` starts it (gloo on a CPU): block-wise inference
 shared out over two processes equals one process; data-parallel training (configs/multi_gpu_train.json)."""
 
+import pytest
 import torch
 import zarr
 from numpy.testing import assert_array_equal
@@ -8,6 +9,8 @@ from numpy.testing import assert_array_equal
 from bundle_cli import TINY, TORCHRUN_2, bundle_run
 from conftest import CONFIG_NETWORK, SAMPLE_DATA, require_data
 from scripts.networks import HybridUNet2D3D
+
+pytestmark = pytest.mark.slow  # end-to-end runs through the CLI
 
 
 def test_two_process_blockwise_inference_equals_one_process(tmp_path):

@@ -27,6 +27,7 @@ RECIPE_TINY = {
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 @pytest.mark.parametrize("variant", [UNET, EFFICIENTNET], ids=["unet_bn_dropout", "efficientnet_b4"])
+@pytest.mark.slow
 def test_variant_trains_and_infers(variant, dataset, tmp_path):
     require_data("platelet/50-slice0-image.tif", "isbi2012/images.tif")
     data_variant, seg_name, seg_shape, classes = DATASETS[dataset]

@@ -59,7 +59,7 @@ INPUT_SPACING = [10.0, 10.0, 50.0]
 # random weights would get about one voxel in seven right
 MIN_ACCURACY = 0.6
 # One server for the module: under pytest-xdist its tests must share a worker.
-pytestmark = pytest.mark.xdist_group("monailabel")
+pytestmark = [pytest.mark.xdist_group("monailabel"), pytest.mark.slow]
 
 
 def _required() -> bool:

@@ -22,6 +22,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.slow
 def test_variant_trains_two_steps_and_infers_on_isbi(variant, tmp_path):
     require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     depth = VARIANTS[variant]
