@@ -20,14 +20,8 @@ from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, require_data
-from scripts.blockwise import (
-    BlockwiseInference,
-    FlipTTA,
-    block_boxes,
-    intensity_statistics,
-    open_datalist_volumes,
-    prepare_network,
-)
+from scripts.blockwise import BlockwiseInference, FlipTTA, block_boxes, intensity_statistics
+from scripts.blockwise_workflow import open_datalist_volumes, prepare_network
 from scripts.crf import CRFRNN, NetworkWithCRF
 from scripts.ensembles import EnsembleNetwork
 from scripts.inference import FittedSlidingWindowInferer
