@@ -10,7 +10,8 @@ import zarr
 from monai.transforms import LoadImage
 
 from conftest import require_data
-from scripts.volumes import ZarrLabelWriter, open_volume, zarr_labels_to_file
+from scripts.label_volumes import ZarrLabelWriter, zarr_labels_to_file
+from scripts.volumes import open_volume
 
 XYZ = np.random.default_rng(0).integers(0, 255, (12, 10, 4)).astype(np.uint8)  # distinct sizes catch transpositions
 ZYX = np.ascontiguousarray(XYZ.transpose(2, 1, 0))

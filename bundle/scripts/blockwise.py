@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
-from scripts.volumes import Box, Volume, ZarrLabelWriter
+from scripts.label_volumes import ZarrLabelWriter
+from scripts.volumes import Box, Volume
 
 logger = get_logger(__name__)  # INFO to stdout, as MONAI's bundle scripts log: the resume report must be seen
 

@@ -16,7 +16,8 @@ from monai.handlers import CheckpointLoader
 from scripts.blockwise import BlockwiseInference, BlockwiseResult, FlipTTA
 from scripts.distributed import barrier, rank_and_world
 from scripts.io import VOLUME_SUFFIXES, load_datalist, output_path
-from scripts.volumes import HDF5_SUFFIXES, Volume, open_volume, split_container_path, zarr_labels_to_file
+from scripts.label_volumes import zarr_labels_to_file
+from scripts.volumes import HDF5_SUFFIXES, Volume, open_volume, split_container_path
 
 logger = get_logger(__name__)  # INFO to stdout, as MONAI's bundle scripts log
 
