@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_cli import TRAINING_ONLY, bundle_run
+from bundle_cli import TINY, TRAINING_ONLY, bundle_run
 from conftest import SAMPLE_DATA, require_data
 
 VARIANTS = {
@@ -82,17 +82,8 @@ def test_licensed_data_set_variant_trains_and_validates(dataset, tmp_path):
     """The Drosophila VNC and CDeep3M variants (data under non-commercial licences, read from ../shared/data) train
     a few steps on their training sections and validate on their held-back ones."""
     require_data(f"{dataset}/images.tif", f"{dataset}/labels.tif")
-    overrides = {
-        "network_def#features": 8,
-        "train_window": [128, 128, 1],
-        "val_window": [512, 512, 1],
-        "windows_per_volume": 4,
-        "batch_size": 2,
-        "max_epochs": 2,
-        "val_interval": 4,
-        "output_dir": str(tmp_path / "eval"),
-        "ckpt_dir": str(tmp_path / "m"),
-    }
+    overrides = {**TINY, "val_window": [512, 512, 1], "max_epochs": 2, "val_interval": 4}
+    overrides.update(output_dir=str(tmp_path / "eval"), ckpt_dir=str(tmp_path / "m"))
     bundle_run("training", ["configs/train.json", f"configs/variants/{dataset}.json"], overrides)
     assert json.loads((tmp_path / "eval" / "training_summary.json").read_text())["steps"] == 4
     state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)  # written by the validation at step 4

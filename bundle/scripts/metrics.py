@@ -20,7 +20,6 @@ from monai.transforms import LoadImage
 
 from scripts.io import atomic_path, load_datalist, output_path, write_csv_atomically
 from scripts.objects import describe, missed_object_mask, object_report
-from scripts.pictures import save_comparison_png
 from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd
 
 logger = logging.getLogger(__name__)
@@ -295,6 +294,8 @@ class SegmentationReport:
 
     def _draw(self, volume: dict, name: str) -> None:
         """Overlay picture of the section with the most missed-object voxels (the middle one if none)."""
+        from scripts.pictures import save_comparison_png  # drawing (matplotlib) only where a picture is made
+
         label, pred = volume["label"][0].numpy(), volume["pred"][0].numpy()
         missed = missed_object_mask(
             pred, label, classes=self.object_classes, connectivity=self.connectivity, ignore_index=self.ignore_index
