@@ -3,5 +3,5 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bash "$REPO/setup_env.sh"
-cd "$REPO/bundle"
-exec "$REPO/.venv/bin/python" -m scripts.demo --workdir ../runs/demo "$@"
+cd "$REPO"
+exec "$REPO/.venv/bin/python" -m tools.demo --workdir ../runs/demo "$@"

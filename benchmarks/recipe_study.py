@@ -1,7 +1,7 @@
 """Recipe study: which training recipe learns organelles fastest on a CPU, on four real EM data sets.
 
 Every arm is a variant file trained for the same wall-clock budget (``--max_minutes``) and evaluated on each data
-set's validation split, through the experiment runner (``scripts.experiments.ExperimentRunner``), so an arm is a
+set's validation split, through the experiment runner (``tools.experiments.ExperimentRunner``), so an arm is a
 plain ``python -m monai.bundle run training --config_file "['configs/train.json', <arm>, <data set>]"``:
 
 - ``hybrid``: ``configs/train.json`` alone, the bundle's default recipe;
@@ -36,9 +36,9 @@ import fire
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
-from scripts.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
+sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle package `scripts` and the tools package
 from scripts.io import atomic_path, data_root, write_csv_atomically  # noqa: E402
+from tools.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
 from provenance import write_report  # noqa: E402

@@ -2,7 +2,7 @@
 
 Trains ``instances`` seeds of the 2D-3D+3x3x3 network, its three ablations and the 2D U-Net baseline on the
 training region (y < 560) and evaluates them, and their top-k ensembles, on the validation region (y >= 560),
-through ``scripts.experiments``. CPU scale: every network at a quarter of the paper's width (16 base features for
+through ``tools.experiments``. CPU scale: every network at a quarter of the paper's width (16 base features for
 the 2D-3D family, 16-256 for the U-Net), single-section 256x256 windows, ``max_epochs`` x 50 windows. Prints
 Table 1 and writes it, with the per-instance figures, to JSON. Resumes like the runner: a second call only
 re-prints.
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import fire
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-sys.path.insert(0, str(BUNDLE))
-from scripts.experiments import ExperimentRunner  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle package `scripts` and the tools package
 from scripts.io import SAMPLE_DATA  # noqa: E402
+from tools.experiments import ExperimentRunner  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
 from provenance import write_report  # noqa: E402

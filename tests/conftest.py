@@ -18,8 +18,9 @@ BUNDLE = REPO / "bundle"
 #: MONAI's bundle metadata schema, for offline verify_metadata
 METADATA_SCHEMA = REPO / "tools" / "schemas" / "meta_schema_20240725.json"
 
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+for path in (BUNDLE, REPO):  # the bundle's package `scripts`, and the developer tools package `tools`
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from scripts.io import SAMPLE_DATA, data_root  # noqa: E402,F401  (the bundle package is on the path from here)
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import BUNDLE, SAMPLE_DATA, require_data
-from scripts.experiments import ExperimentRunner, table1_rows, variant_files
+from conftest import REPO, SAMPLE_DATA, require_data
+from tools.experiments import ExperimentRunner, table1_rows, variant_files
 
 TINY_RUN = {
     "network_def#features": 8,
@@ -26,7 +26,7 @@ def _runner_command(workdir, overrides=TINY_RUN):
     return [
         sys.executable,
         "-m",
-        "scripts.experiments",
+        "tools.experiments",
         "run",
         "--variants",
         "['hybrid']",
@@ -46,7 +46,7 @@ def _runner_command(workdir, overrides=TINY_RUN):
 def test_runner_trains_ranks_tabulates_and_resumes_on_platelet(tmp_path):
     require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
     workdir = tmp_path / "table1"
-    first = subprocess.run(_runner_command(workdir), cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(_runner_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-5000:]
     assert "3 instance(s) trained in this call" in first.stdout
 
@@ -84,14 +84,14 @@ def test_runner_trains_ranks_tabulates_and_resumes_on_platelet(tmp_path):
     # a second call trains nothing and leaves the results untouched
     results = sorted(workdir.glob("hybrid/*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    second = subprocess.run(_runner_command(workdir), cwd=BUNDLE, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(_runner_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-5000:]
     assert "0 instance(s) trained in this call" in second.stdout
     assert [p.stat().st_mtime_ns for p in results] == stamps
 
     # other settings in the same workdir are refused rather than mixed with the finished instances
     third = subprocess.run(
-        _runner_command(workdir, {**TINY_RUN, "max_epochs": 3}), cwd=BUNDLE, capture_output=True, text=True
+        _runner_command(workdir, {**TINY_RUN, "max_epochs": 3}), cwd=REPO, capture_output=True, text=True
     )
     assert third.returncode != 0 and "other settings" in third.stderr
 

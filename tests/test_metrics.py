@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from synthetic import write_synthetic_dataset
 
 from scripts.metrics import MeanIoU, PerClassIoU, SegmentationReport, confusion_matrix, mean_iou, scores_from_confusion
-from scripts.synthetic import write_synthetic_dataset
 
 # five voxels: ground truth 0 1 1 1 2, prediction 0 0 1 1 2
 LABEL = torch.tensor([0, 1, 1, 1, 2])

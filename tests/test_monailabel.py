@@ -38,7 +38,7 @@ from monai.bundle import ConfigParser
 
 from conftest import BUNDLE, REPO, require_data
 from scripts.crf import NetworkWithCRF
-from scripts.variant_bundle import write_variant_bundle
+from tools.variant_bundle import write_variant_bundle
 
 LABEL_VENV = REPO / ".venv-label"
 LABEL_PYTHON = LABEL_VENV / "bin" / "python"

@@ -11,10 +11,10 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
+from synthetic import write_synthetic_dataset
 
 from conftest import BUNDLE, METADATA_SCHEMA
 from scripts.io import load_class_schema, write_volume_atomically
-from scripts.synthetic import write_synthetic_dataset
 from scripts.tasks import MapLabelsd, load_task
 
 METADATA = BUNDLE / "configs" / "metadata.json"

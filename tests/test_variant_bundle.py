@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser, verify_metadata
 from conftest import BUNDLE, METADATA_SCHEMA
 from scripts.crf import NetworkWithCRF
 from scripts.io import InputError
-from scripts.variant_bundle import write_variant_bundle
+from tools.variant_bundle import write_variant_bundle
 
 
 def _parsed(bundle, config, key):

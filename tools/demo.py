@@ -3,16 +3,16 @@
 Runs the bundle's own CLI (``python -m monai.bundle run ...``) exactly as a user would, from the bundle root.
 Uses the real platelet SBF-SEM slice that ships in the repository's ``sample_data/``.
 
-Usage (from ``bundle/``): ``python -m scripts.demo --workdir ../runs/demo``
+Usage (from the repository root; relative paths start at ``bundle/``): ``python -m tools.demo --workdir ../runs/demo``
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import fire
 import numpy as np
@@ -21,8 +21,8 @@ from monai.transforms import LoadImage
 from scripts.io import data_root, load_class_schema, load_datalist, output_path
 from scripts.pictures import save_comparison_png
 from scripts.transforms import AddSectionAxisd, CropRegiond
+from tools import BUNDLE_ROOT
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEMO_VARIANT = "configs/variants/demo_cpu.json"
 
 
@@ -82,4 +82,5 @@ def main(workdir: str = "../runs/demo") -> None:
 
 
 if __name__ == "__main__":
+    os.chdir(BUNDLE_ROOT)  # relative paths in the arguments start at bundle/, as the configs' do
     fire.Fire(main)

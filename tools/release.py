@@ -1,4 +1,4 @@
-"""Train, export and document the model that ships in ``models/``: one command, from the bundle root.
+"""Train, export and document the model that ships in ``models/``: one command, from the repository root.
 
 1. trains the default recipe, ``configs/train.json``, for ``--max_minutes`` on the real platelet slice's training
    region (rows y < 560), validating on rows y >= 560 every ``--val_interval`` steps, checkpoints in
@@ -9,7 +9,8 @@
    evaluates the validation region (rows y >= 560) with ``configs/evaluate.json``, and writes the figures to
    ``docs/results.json`` and the overlay picture to ``docs/images/``; prints the tables the model card shows.
 
-Usage (from ``bundle/``): ``python -m scripts.release [--max_minutes 30] [--workdir ../runs/release] [--train true]``.
+Usage (from the repository root; relative paths start at ``bundle/``):
+``python -m tools.release [--max_minutes 30] [--workdir ../runs/release] [--train true]``.
 ``--train false`` repeats steps 2-3 from the checkpoint of an earlier call.
 """
 
@@ -29,8 +30,8 @@ import torch
 import yaml
 
 from scripts.io import atomic_path, data_root
+from tools import BUNDLE_ROOT
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["configs/train.json"]
 SHIPPED = ["models/model.pt", "models/model.ts"]
 RESULTS = BUNDLE_ROOT / "docs" / "results.json"
@@ -125,7 +126,7 @@ def main(
     summary = json.loads((workdir / "train" / "training_summary.json").read_text())
     train_seconds = summary["seconds"]
     results = {
-        "command": f"cd bundle && python -m scripts.release --max_minutes {max_minutes:g}",
+        "command": f"python -m tools.release --max_minutes {max_minutes:g}",
         "recipe": RECIPE,
         "steps": summary["steps"],
         "train_seconds": round(train_seconds),
@@ -154,4 +155,5 @@ def main(
 
 
 if __name__ == "__main__":
+    os.chdir(BUNDLE_ROOT)  # relative paths in the arguments start at bundle/, as the configs' do
     fire.Fire(main)

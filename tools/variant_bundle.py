@@ -7,9 +7,9 @@ uses), with a checkpoint of that network as ``models/model.pt``. Where a variant
 ``configs/variants/task.json``), ``metadata.json`` gets the task's classes, so that MONAI Label shows their names,
 and the data's label schema moves to ``configs/label_schema.json``, which the copied task files then read.
 
-Usage (from ``bundle/``)::
+Usage (from the repository root; relative paths start at ``bundle/``)::
 
-    python -m scripts.variant_bundle --variants "['configs/variants/crf_stage2.json']" \
+    python -m tools.variant_bundle --variants "['configs/variants/crf_stage2.json']" \
         --output ../em_crf_segmentation --checkpoint runs/crf/model.pt
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import fire
 from monai.bundle import ConfigParser
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+from tools import BUNDLE_ROOT
+
 MERGED_CONFIGS = ("train.json", "inference.json", "evaluate.json")
 LABEL_SCHEMA = "label_schema.json"
 
@@ -64,7 +65,9 @@ def write_variant_bundle(
     # built under a temporary name: a crash never leaves a half-made bundle that MONAI Label would load
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(BUNDLE_ROOT, tmp, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "logs", "outputs"))
+    shutil.copytree(
+        BUNDLE_ROOT, tmp, ignore=shutil.ignore_patterns("__pycache__", "models", "eval", "logs", "outputs", "runs")
+    )
     (tmp / "models").mkdir()
     if checkpoint is not None:
         shutil.copyfile(checkpoint, tmp / "models" / "model.pt")
@@ -98,4 +101,5 @@ def write_variant_bundle(
 
 
 if __name__ == "__main__":
+    os.chdir(BUNDLE_ROOT)  # relative paths in the arguments start at bundle/, as the configs' do
     fire.Fire(write_variant_bundle)

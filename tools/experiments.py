@@ -17,11 +17,11 @@ Written to ``workdir``:
 It resumes: an instance or ensemble whose ``result.json`` exists is not run again; one without it (killed part
 way) is started afresh.
 
-Usage (from ``bundle/``)::
+Usage (from the repository root; relative paths start at ``bundle/``)::
 
-    python -m scripts.experiments run --variants "['hybrid','ablation_no_pyramid']" --instances 3 \
+    python -m tools.experiments run --variants "['hybrid','ablation_no_pyramid']" --instances 3 \
         --workdir ../runs/table1 --recipe configs/variants/demo_cpu.json
-    python -m scripts.experiments tables --workdir ../runs/table1
+    python -m tools.experiments tables --workdir ../runs/table1
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import monai.bundle  # noqa: E402
 
 from scripts.io import atomic_path, write_csv_atomically  # noqa: E402
+from tools import BUNDLE_ROOT  # noqa: E402
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 BASE_VARIANT = "hybrid"
 # the paper's names of its architectures (Table 1); other variants are listed under their file name
 PAPER_NAMES = {
@@ -484,4 +484,5 @@ def tables(workdir: str = "../runs/experiments") -> None:
 
 
 if __name__ == "__main__":
+    os.chdir(BUNDLE_ROOT)  # relative paths in the arguments start at bundle/, as the configs' do
     fire.Fire({"run": run, "tables": tables})
