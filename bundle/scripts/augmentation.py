@@ -1,5 +1,6 @@
-"""Random training augmentations for EM windows: Guay et al. 2020 (reflections, brightness, contrast, per-section
-elastic deformation) and the EM section defects MONAI lacks (lost section, misalignment, section blur, CutBlur).
+"""Random training augmentations for EM windows: the skeleton they share (:class:`RandWindowTransformd`) and
+Guay et al. 2020's brightness, contrast and per-section elastic deformation (reflections are MONAI's ``RandFlipd``;
+the EM section defects are in ``scripts.section_defects``).
 
 Every transform takes a dict of channel-first arrays ``(C, X, Y, Z)`` with the section axis z LAST (MetaTensor,
 tensor or ndarray; the output has the input's type, dtype, device and meta). Labels are only ever moved with nearest
@@ -22,20 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.networks.layers import separable_filtering
-from monai.networks.layers.convutils import gaussian_1d
-from monai.transforms import Compose, MapTransform, RandFlipd, RandomizableTransform
+from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type, convert_to_tensor, ensure_tuple, ensure_tuple_rep
 from scipy.ndimage import gaussian_filter
 
 __all__ = [
+    "RandWindowTransformd",
     "RandBrightnessContrastd",
     "RandSectionElasticd",
-    "RandMissingSectiond",
-    "RandSectionShiftd",
-    "RandSectionBlurd",
-    "RandCutBlurd",
-    "guay2020_augmentation",
 ]
 
 _GRID_MODES = ("bilinear", "nearest", "bicubic")
@@ -51,7 +46,8 @@ def _like(result: torch.Tensor, reference: Any) -> Any:
     return convert_to_dst_type(result, reference)[0]
 
 
-def _float(t: torch.Tensor) -> torch.Tensor:
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if floating point, else as float32."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
@@ -68,11 +64,52 @@ def _first_shape(transform: MapTransform, d: Mapping[Hashable, Any]) -> tuple[in
     return first
 
 
-def _depth(shape: Sequence[int]) -> int:
+def window_depth(shape: Sequence[int]) -> int:
+    """Number of sections of a spatial shape (1 for a 2D one)."""
     return int(shape[2]) if len(shape) == 3 else 1
 
 
-class RandBrightnessContrastd(RandomizableTransform, MapTransform):
+class RandWindowTransformd(RandomizableTransform, MapTransform):
+    """The skeleton every window augmentation here shares: check that the present keys have one spatial shape,
+    draw the window's random parameters once from that shape (:meth:`randomize_window`), then :meth:`apply` them to
+    each key as a plain tensor; each result gets back its input's type, dtype, device and meta.
+
+    Args:
+        keys: keys of ``(C, X, Y[, Z])`` arrays.
+        prob: probability of applying.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 1.0, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def randomize_window(self, shape: tuple[int, ...]) -> None:
+        """Draw this window's parameters from its spatial shape (by default ``randomize(shape)``)."""
+        self.randomize(shape)
+
+    def applies(self) -> bool:
+        """Whether the last draw changes anything."""
+        return self._do_transform
+
+    def apply(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """The augmented ``x`` (a plain tensor) of ``key``."""
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        shape = _first_shape(self, d)
+        if shape is None:
+            return d
+        self.randomize_window(shape)
+        if not self.applies():
+            return d
+        for key in self.key_iterator(d):
+            d[key] = _like(self.apply(_tensor(d[key]), key), d[key])
+        return d
+
+
+class RandBrightnessContrastd(RandWindowTransformd):
     """Guay et al. brightness and contrast shift: ``(x + b * range) * c``, b ~ U(-brightness, brightness),
     c ~ U(1 - contrast, 1 + contrast), one draw per sample shared by all keys and channels.
 
@@ -100,8 +137,7 @@ class RandBrightnessContrastd(RandomizableTransform, MapTransform):
         data_range: float | None = None,
         allow_missing_keys: bool = False,
     ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         self.brightness = float(brightness)
         self.contrast = float(contrast)
         self.data_range = data_range
@@ -114,19 +150,16 @@ class RandBrightnessContrastd(RandomizableTransform, MapTransform):
             self.shift = self.R.uniform(-self.brightness, self.brightness)
             self.scale = self.R.uniform(1.0 - self.contrast, 1.0 + self.contrast)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
+    def randomize_window(self, shape: tuple[int, ...]) -> None:
         self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _float(_tensor(d[key]))
-            span = self.data_range if self.data_range is not None else float(x.max() - x.min())
-            d[key] = _like((x + self.shift * span) * self.scale, d[key])
-        return d
+
+    def apply(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
+        x = as_float(x)
+        span = self.data_range if self.data_range is not None else float(x.max() - x.min())
+        return (x + self.shift * span) * self.scale
 
 
-class RandSectionElasticd(RandomizableTransform, MapTransform):
+class RandSectionElasticd(RandWindowTransformd):
     """Guay et al. per-section 2D elastic deformation: one in-plane displacement field, the same for every z-section
     and every key.
 
@@ -163,8 +196,7 @@ class RandSectionElasticd(RandomizableTransform, MapTransform):
         grid_spacing: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         modes = ensure_tuple(mode)
         if len(modes) not in (1, len(self.keys)):
             raise ValueError(f"mode {modes} must be one value or one per key {self.keys}")
@@ -211,356 +243,19 @@ class RandSectionElasticd(RandomizableTransform, MapTransform):
         # grid_sample's last axis is (W, H) = (Y, X)
         return torch.stack([axes[1], axes[0]], dim=-1)[None]
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        shape = _first_shape(self, d)
-        if shape is None:
-            return d
+    def randomize_window(self, shape: tuple[int, ...]) -> None:
         self.randomize(shape[:2])
-        if not self._do_transform:
-            return d
-        grids: dict[tuple, torch.Tensor] = {}
-        for key, mode in self.key_iterator(d, self.mode):
-            x = _tensor(d[key])
-            c, nx, ny = x.shape[:3]
-            work = _float(x)
-            # (C, X, Y, Z) -> (1, C * Z, X, Y): one 2D grid for every channel and section
-            stack = work.reshape(c, nx, ny, -1).permute(0, 3, 1, 2).reshape(1, -1, nx, ny)
-            cache = (work.device, work.dtype)
-            if cache not in grids:
-                grids[cache] = self._sampling_grid((nx, ny), work.device).to(work.dtype)
-            out = F.grid_sample(stack, grids[cache], mode=mode, padding_mode=self.padding_mode, align_corners=True)
-            out = out.reshape(c, -1, nx, ny).permute(0, 2, 3, 1).reshape(x.shape)
-            if not x.is_floating_point():
-                out = out.round()
-            d[key] = _like(out.to(x.dtype), d[key])
-        return d
+        self._grids: dict[tuple, torch.Tensor] = {}  # one sampling grid per device and dtype, for every key
 
-
-class RandMissingSectiond(RandomizableTransform, MapTransform):
-    """Lost sections: 1 to ``max_sections`` random z-sections of the image replaced (labels are not listed in
-    ``keys`` and stay: the tissue is still there, the network must infer it from the neighbours).
-
-    Fill ``"mean"`` is a uniform section at the window's per-channel mean, ``"zero"`` a black section,
-    ``"neighbour"`` a copy of the nearest intact section (as when a registration pipeline duplicates a neighbour;
-    ties broken at random). At least one section always stays intact; a single-section window is left unchanged.
-    The chosen sections are in ``self.sections`` after each call.
-
-    Args:
-        keys: image keys.
-        prob: probability of applying.
-        max_sections: most sections lost at once.
-        fill: ``"mean"``, ``"zero"`` or ``"neighbour"``.
-        allow_missing_keys: skip absent keys.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        prob: float = 0.1,
-        max_sections: int = 1,
-        fill: str = "mean",
-        allow_missing_keys: bool = False,
-    ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        if fill not in ("mean", "zero", "neighbour"):
-            raise ValueError(f"fill must be 'mean', 'zero' or 'neighbour', got {fill!r}")
-        if max_sections < 1:
-            raise ValueError(f"max_sections must be >= 1, got {max_sections}")
-        self.max_sections = int(max_sections)
-        self.fill = fill
-        self.sections: list[int] = []
-        self.sources: list[int] = []
-
-    def randomize(self, data: int) -> None:
-        """Choose the lost sections of a window with ``data`` sections (and their neighbour sources)."""
-        super().randomize(None)
-        self.sections, self.sources = [], []
-        if data < 2:
-            self._do_transform = False
-        if not self._do_transform:
-            return
-        count = self.R.randint(1, min(self.max_sections, data - 1) + 1)
-        self.sections = sorted(int(z) for z in self.R.choice(data, size=count, replace=False))
-        intact = np.setdiff1d(np.arange(data), self.sections)
-        for z in self.sections:
-            distance = np.abs(intact - z)
-            nearest = intact[distance == distance.min()]
-            self.sources.append(int(nearest[self.R.randint(len(nearest))]))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        shape = _first_shape(self, d)
-        if shape is None:
-            return d
-        self.randomize(_depth(shape))
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _tensor(d[key])
-            out = x.clone()
-            if self.fill == "neighbour":
-                out[..., self.sections] = x[..., self.sources]
-            elif self.fill == "zero":
-                out[..., self.sections] = 0
-            else:
-                mean = _float(x).mean(dim=tuple(range(1, x.ndim)), keepdim=True)[..., 0]
-                out[..., self.sections] = mean.to(x.dtype).unsqueeze(-1)
-            d[key] = _like(out, d[key])
-        return d
-
-
-class RandSectionShiftd(RandomizableTransform, MapTransform):
-    """Section misalignment: an integer in-plane shift of one section (``"single"``) or of every section from a
-    random z onward (``"step"``, a registration jump), applied identically to every key.
-
-    The label (and weight) shift WITH the image: an alignment error moves the recorded data, and annotations drawn on
-    the misaligned stack follow it; this keeps image and label aligned voxel by voxel and teaches the network not to
-    trust z-context blindly across a jump (as pytorch_connectomics' MisAlignment). ``out[x] = in[x - shift]``; the
-    vacated strip is filled by edge replication (``"edge"``) or zeros (``"constant"``), and in ``weight_key`` it is
-    set to 0 so the loss ignores these made-up voxels. A single-section window is left unchanged (nothing to be
-    misaligned with). The draw is in ``self.sections`` and ``self.shift`` after each call.
-
-    Args:
-        keys: keys of image, label and weight arrays.
-        prob: probability of applying.
-        max_shift: largest shift in voxels along X and Y.
-        kind: ``"step"``, ``"single"`` or ``"either"`` (one of the two at random).
-        padding_mode: ``"edge"`` or ``"constant"`` for the vacated strip.
-        weight_key: key (among ``keys``) of the loss weight map, zeroed in the vacated strip; None for none.
-        allow_missing_keys: skip absent keys.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.1,
-        max_shift: Sequence[int] = (10, 10),
-        kind: str = "either",
-        padding_mode: str = "edge",
-        weight_key: str | None = None,
-        allow_missing_keys: bool = False,
-    ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        if kind not in ("step", "single", "either"):
-            raise ValueError(f"kind must be 'step', 'single' or 'either', got {kind!r}")
-        if padding_mode not in ("edge", "constant"):
-            raise ValueError(f"padding_mode must be 'edge' or 'constant', got {padding_mode!r}")
-        self.max_shift = tuple(abs(int(s)) for s in ensure_tuple_rep(max_shift, 2))
-        self.kind = kind
-        self.padding_mode = padding_mode
-        self.weight_key = weight_key
-        self.sections: list[int] = []
-        self.shift: tuple[int, int] = (0, 0)
-
-    def randomize(self, data: int) -> None:
-        """Choose the shifted sections of a window with ``data`` sections and a non-zero shift."""
-        super().randomize(None)
-        self.sections, self.shift = [], (0, 0)
-        if data < 2 or max(self.max_shift) == 0:
-            self._do_transform = False
-        if not self._do_transform:
-            return
-        kind = self.kind if self.kind != "either" else ("step" if self.R.rand() < 0.5 else "single")
-        if kind == "step":
-            self.sections = list(range(self.R.randint(1, data), data))
-        else:
-            self.sections = [int(self.R.randint(data))]
-        shift = [int(self.R.randint(-m, m + 1)) for m in self.max_shift]
-        if shift == [0, 0]:
-            axis = int(np.argmax(self.max_shift)) if min(self.max_shift) == 0 else int(self.R.randint(2))
-            shift[axis] = int(self.R.randint(1, self.max_shift[axis] + 1)) * (1 if self.R.rand() < 0.5 else -1)
-        self.shift = (shift[0], shift[1])
-
-    def _indices(self, n: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        source = torch.arange(n, device=device) - shift
-        return source.clamp(0, n - 1), (source < 0) | (source >= n)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        shape = _first_shape(self, d)
-        if shape is None:
-            return d
-        self.randomize(_depth(shape))
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _tensor(d[key])
-            ix, vacant_x = self._indices(x.shape[1], self.shift[0], x.device)
-            iy, vacant_y = self._indices(x.shape[2], self.shift[1], x.device)
-            moved = x[..., self.sections][:, ix][:, :, iy]
-            vacant = vacant_x[:, None] | vacant_y[None, :]
-            if self.padding_mode == "constant" or key == self.weight_key:
-                moved[:, vacant] = 0
-            out = x.clone()
-            out[..., self.sections] = moved
-            d[key] = _like(out, d[key])
-        return d
-
-
-class RandSectionBlurd(RandomizableTransform, MapTransform):
-    """Out-of-focus section: in-plane Gaussian blur (sigma ~ U(sigma_range) voxels, edge-replicated borders) of one
-    random z-section of the image. Labels stay sharp. A single-section window has its one section blurred (an
-    in-plane blur stays meaningful there). The section and sigma are in ``self.section`` and ``self.sigma``.
-
-    Args:
-        keys: image keys.
-        prob: probability of applying.
-        sigma_range: range of the Gaussian standard deviation in voxels.
-        allow_missing_keys: skip absent keys.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        prob: float = 0.1,
-        sigma_range: Sequence[float] = (1.0, 3.0),
-        allow_missing_keys: bool = False,
-    ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.sigma_range = tuple(float(s) for s in ensure_tuple_rep(sigma_range, 2))
-        self.section = 0
-        self.sigma = 0.0
-
-    def randomize(self, data: int) -> None:
-        """Choose the blurred section of a window with ``data`` sections and the sigma."""
-        super().randomize(None)
-        if self._do_transform:
-            self.section = int(self.R.randint(data))
-            self.sigma = float(self.R.uniform(*self.sigma_range))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        shape = _first_shape(self, d)
-        if shape is None:
-            return d
-        self.randomize(_depth(shape))
-        if not self._do_transform or self.sigma <= 0:
-            return d
-        for key in self.key_iterator(d):
-            x = _tensor(d[key])
-            work = _float(x)
-            kernel = gaussian_1d(torch.tensor(self.sigma), truncated=4.0, normalize=True).to(work)
-            section = work[..., self.section] if x.ndim == 4 else work
-            blurred = separable_filtering(section[None], [kernel, kernel], mode="replicate")[0]
-            out = work.clone()
-            if x.ndim == 4:
-                out[..., self.section] = blurred
-            else:
-                out = blurred
-            d[key] = _like(out.to(x.dtype), d[key])
-        return d
-
-
-class RandCutBlurd(RandomizableTransform, MapTransform):
-    """CutBlur (Yoo et al. 2020, as in pytorch_connectomics): a random cuboid of the image down-sampled by a random
-    factor (area averaging) and up-sampled back (linear), i.e. a low-resolution patch. Labels stay full-resolution.
-
-    Each cuboid side is ``U(size_range)`` times the window side (at least one voxel); z is down-sampled too only with
-    ``downsample_z`` (EM sections are already thick). Works on single-section windows (an in-plane patch). The cuboid
-    slices and factor are in ``self.region`` and ``self.factor``.
-
-    Args:
-        keys: image keys.
-        prob: probability of applying.
-        size_range: cuboid side as a fraction of the window side.
-        factor_range: down-sampling factor range (> 1).
-        downsample_z: also down-sample along z.
-        allow_missing_keys: skip absent keys.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        prob: float = 0.1,
-        size_range: Sequence[float] = (0.25, 0.75),
-        factor_range: Sequence[float] = (2.0, 8.0),
-        downsample_z: bool = False,
-        allow_missing_keys: bool = False,
-    ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.size_range = tuple(float(s) for s in ensure_tuple_rep(size_range, 2))
-        self.factor_range = tuple(float(f) for f in ensure_tuple_rep(factor_range, 2))
-        if not 0 < self.size_range[0] <= self.size_range[1] <= 1:
-            raise ValueError(f"size_range must lie in (0, 1], got {size_range}")
-        if self.factor_range[0] < 1:
-            raise ValueError(f"factor_range must be >= 1, got {factor_range}")
-        self.downsample_z = downsample_z
-        self.region: tuple[slice, ...] = ()
-        self.factor = 1.0
-
-    def randomize(self, data: Sequence[int]) -> None:
-        """Choose the cuboid in a window of spatial shape ``data`` and the factor."""
-        super().randomize(None)
-        if not self._do_transform:
-            return
-        region = []
-        for n in data:
-            size = min(n, max(1, int(round(self.R.uniform(*self.size_range) * n))))
-            start = int(self.R.randint(0, n - size + 1))
-            region.append(slice(start, start + size))
-        self.region = tuple(region)
-        self.factor = float(self.R.uniform(*self.factor_range))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        shape = _first_shape(self, d)
-        if shape is None:
-            return d
-        self.randomize(shape)
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _tensor(d[key])
-            work = _float(x)
-            patch = work[(slice(None), *self.region)]
-            size = list(patch.shape[1:])
-            low = [max(1, int(round(s / self.factor))) for s in size]
-            if len(size) == 3 and not self.downsample_z:
-                low[2] = size[2]
-            linear = "trilinear" if len(size) == 3 else "bilinear"
-            small = F.interpolate(patch[None], size=low, mode="area")
-            out = work.clone()
-            out[(slice(None), *self.region)] = F.interpolate(small, size=size, mode=linear, align_corners=False)[0]
-            d[key] = _like(out.to(x.dtype), d[key])
-        return d
-
-
-def guay2020_augmentation(
-    image_key: str = "image",
-    label_key: str | None = "label",
-    weight_key: str | None = "weight",
-    flip_prob: float = 0.5,
-    prob: float = 1.0,
-    brightness: float = 0.12,
-    contrast: float = 0.2,
-    elastic: Mapping[str, Any] | None = None,
-) -> Compose:
-    """The paper's augmentation of a training window: reflections on each axis (MONAI ``RandFlipd``, x, y and z),
-    brightness/contrast of the image (:class:`RandBrightnessContrastd`), per-section elastic deformation
-    (:class:`RandSectionElasticd`, nearest for the label). ``Compose.set_random_state`` seeds them all.
-
-    Args:
-        image_key: image key.
-        label_key: label key, or None.
-        weight_key: weight-map key, or None.
-        flip_prob: probability of a reflection along each axis.
-        prob: probability of the brightness/contrast shift and of the deformation (the paper: 1).
-        brightness: maximum brightness shift (fraction of the data range).
-        contrast: maximum contrast change.
-        elastic: extra keyword arguments of :class:`RandSectionElasticd` (``grid``, ``sigma``, ``magnitude``...).
-    """
-    keys = [k for k in (image_key, label_key, weight_key) if k is not None]
-    modes = [{image_key: "bilinear", label_key: "nearest"}.get(k, "bilinear") for k in keys]
-    flips = [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
-    return Compose(
-        [
-            *flips,
-            RandBrightnessContrastd(image_key, prob=prob, brightness=brightness, contrast=contrast),
-            RandSectionElasticd(keys, **{"prob": prob, "mode": modes, **dict(elastic or {})}),
-        ]
-    )
+    def apply(self, x: torch.Tensor, key: Hashable) -> torch.Tensor:
+        c, nx, ny = x.shape[:3]
+        work = as_float(x)
+        # (C, X, Y, Z) -> (1, C * Z, X, Y): one 2D grid for every channel and section
+        stack = work.reshape(c, nx, ny, -1).permute(0, 3, 1, 2).reshape(1, -1, nx, ny)
+        cache = (work.device, work.dtype)
+        if cache not in self._grids:
+            self._grids[cache] = self._sampling_grid((nx, ny), work.device).to(work.dtype)
+        mode = dict(zip(self.keys, self.mode))[key]
+        out = F.grid_sample(stack, self._grids[cache], mode=mode, padding_mode=self.padding_mode, align_corners=True)
+        out = out.reshape(c, -1, nx, ny).permute(0, 2, 3, 1).reshape(x.shape)
+        return out.round() if not x.is_floating_point() else out
