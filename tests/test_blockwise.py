@@ -20,12 +20,13 @@ from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, require_data
+from scripts.baselines import SectionWise2D
 from scripts.blockwise import BlockwiseInference, FlipTTA, block_boxes, intensity_statistics
 from scripts.blockwise_workflow import open_datalist_volumes, prepare_network
 from scripts.crf import CRFRNN, NetworkWithCRF
 from scripts.ensembles import EnsembleNetwork
 from scripts.inference import FittedSlidingWindowInferer
-from scripts.networks import HybridUNet2D3D, SectionWise2D
+from scripts.networks import HybridUNet2D3D
 from scripts.volumes import ArrayVolume, open_volume
 
 

@@ -308,7 +308,7 @@ def test_cuda_matches_cpu():
 
 
 def test_section_wise_2d_runs_a_2d_network_on_every_section():
-    from scripts.networks import SectionWise2D, unet_with_deep_dropout
+    from scripts.baselines import SectionWise2D, unet_with_deep_dropout
 
     net2d = unet_with_deep_dropout(in_channels=3, out_channels=5, features=(4, 4, 8, 8, 16, 4)).eval()
     net = SectionWise2D(net2d).eval()
@@ -337,7 +337,7 @@ def test_norm_and_upsample_options_train_and_script(norm, upsample):
 
 def test_single_section_fast_path_equals_the_3d_convolutions(monkeypatch):
     """On Z = 1 the 3D convolutions run as 2D ones; the result equals nn.Conv3d's."""
-    from scripts.networks import SectionConv3d
+    from scripts.layers import SectionConv3d
 
     net = small(norm="instance", upsample="interpolate").eval()
     x = torch.randn(1, 1, 32, 40, 1)

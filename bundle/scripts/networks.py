@@ -51,91 +51,16 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 
-__all__ = ["HybridUNet2D3D", "SectionConv3d"]
+from scripts.layers import SectionConv3d, conv_block, upsampling
+
+__all__ = ["HybridUNet2D3D"]
 
 #: blocks whose spatial scale is below this get the extra (3x3x3) block-initial convolution (authors' rule).
 _EXTRA_CONV_MAX_SCALE = 2
 _KERNEL_2D = (3, 3, 1)  # the paper's 1x3x3 (z last)
 _KERNEL_3D = (3, 3, 3)
 _POOL_2D = (2, 2, 1)  # the paper's 1x2x2 (z last)
-
-
-class SectionConv3d(nn.Conv3d):
-    """A zero-padded 3D convolution that runs as a 2D convolution on a single section (``Z == 1``).
-
-    With "same" zero padding along z, the outer z-taps of a 3x3x3 kernel multiply zeros when the input has one
-    section, and a (3, 3, 1) kernel never reaches across sections: either way the result is a 2D convolution with
-    the kernel's central z-slice. CPU libraries run that 2-3x faster than the equivalent 3D call (measured with
-    oneDNN on (4, 16, 256, 256, 1) windows), and single-section windows are the CPU default. A 1x1x1 kernel runs as
-    a 1x1 2D convolution for any ``Z``: oneDNN's 3D backward of the predictors took 0.34 s a call on such a
-    window, a fifth of a training step.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        kz, pz = self.kernel_size[2], self.padding[2]
-        if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1:
-            # a 1x1x1 convolution is a per-voxel matrix product: one 1x1 2D call over (X, Y * Z)
-            b, _, sx, sy, sz = input.shape
-            out = F.conv2d(input.reshape(b, -1, sx, sy * sz), self.weight[:, :, :, :, 0], self.bias)
-            return out.reshape(b, -1, sx, sy, sz)
-        if input.shape[-1] == 1 and kz == 2 * pz + 1 and self.stride[2] == 1 and self.padding_mode == "zeros":
-            out = F.conv2d(
-                input[..., 0],
-                self.weight[:, :, :, :, pz],
-                self.bias,
-                (self.stride[0], self.stride[1]),
-                (self.padding[0], self.padding[1]),
-                (self.dilation[0], self.dilation[1]),
-                self.groups,
-            )
-            return out.unsqueeze(-1)
-        return self._conv_forward(input, self.weight, self.bias)
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], norm: Optional[str] = None) -> Convolution:
-    """Zero-padded ("same") convolution with bias, optional normalisation, then ReLU (the paper: no norm)."""
-    block = Convolution(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        act=("relu", {"inplace": True}),
-        norm=_norm_spec(norm),
-        bias=True,
-    )
-    conv = block.conv  # replaced under the same name, so checkpoints are unchanged
-    section_conv = SectionConv3d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
-    section_conv.load_state_dict(conv.state_dict())
-    block.conv = section_conv
-    return block
-
-
-def _norm_spec(norm: Optional[str]):
-    """MONAI's norm argument; instance norm gets affine parameters (nnU-Net's choice)."""
-    if norm is None or norm == "none":
-        return None
-    if norm == "instance":
-        return ("instance", {"affine": True})
-    if norm == "batch":
-        return "batch"
-    raise ValueError(f"norm must be None, 'none', 'instance' or 'batch', got {norm!r}")
-
-
-def _upsampling(in_channels: int, out_channels: int, factor: Sequence[int], mode: str) -> nn.Module:
-    """xy up-sampling by ``factor``: the paper's transposed convolution (kernel = stride), or nearest-neighbour
-    interpolation followed by a (3, 3, 1) convolution, which cannot print the kernel's period into the output
-    (the transposed convolution gives each of the ``factor`` sub-positions its own weights: a regular grid)."""
-    if mode == "transposed":
-        return nn.ConvTranspose3d(in_channels, out_channels, kernel_size=factor, stride=factor, bias=True)
-    if mode == "interpolate":
-        return nn.Sequential(
-            nn.Upsample(scale_factor=tuple(float(f) for f in factor), mode="nearest"),
-            SectionConv3d(in_channels, out_channels, kernel_size=_KERNEL_2D, padding=(1, 1, 0), bias=True),
-        )
-    raise ValueError(f"upsample must be 'transposed' or 'interpolate', got {mode!r}")
 
 
 def _encoder_decoder_block(
@@ -149,10 +74,10 @@ def _encoder_decoder_block(
     layers: list[nn.Module] = []
     channels = in_channels
     if extra_kernel is not None:
-        layers.append(_conv(channels, out_channels // 2, extra_kernel, norm))
+        layers.append(conv_block(channels, out_channels // 2, extra_kernel, norm))
         channels = out_channels // 2
     for _ in range(num_convs):
-        layers.append(_conv(channels, out_channels, _KERNEL_2D, norm))
+        layers.append(conv_block(channels, out_channels, _KERNEL_2D, norm))
         channels = out_channels
     return nn.Sequential(*layers)
 
@@ -162,7 +87,7 @@ class _UpStage(nn.Module):
 
     def __init__(self, in_channels: int, up_channels: int, block: nn.Sequential, upsample: str) -> None:
         super().__init__()
-        self.up = _upsampling(in_channels, up_channels, _POOL_2D, upsample)
+        self.up = upsampling(in_channels, up_channels, _POOL_2D, upsample)
         self.block = block
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -245,13 +170,13 @@ class _PyramidLevel(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(num_convs):
-            layers.append(_conv(channels, features, _KERNEL_3D, norm))
+            layers.append(conv_block(channels, features, _KERNEL_3D, norm))
             channels = features
         self.block = nn.Sequential(*layers)
         if level > 0:
             # authors' "path end" 1x1x1 conv (with the block activation) then the up-sampling edge
-            self.proj: nn.Module = _conv(features, out_channels, (1, 1, 1), norm)
-            self.up: nn.Module = _upsampling(out_channels, out_channels, factor, upsample)
+            self.proj: nn.Module = conv_block(features, out_channels, (1, 1, 1), norm)
+            self.up: nn.Module = upsampling(out_channels, out_channels, factor, upsample)
         else:
             if features != out_channels:
                 raise ValueError(f"pyramid level 0 width {features} must equal the pyramid output {out_channels}")
@@ -438,45 +363,3 @@ class HybridUNet2D3D(nn.Module):
         if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in self.parameters()}:
             raise RuntimeError("l2_parameter_groups must cover every parameter exactly once")
         return groups
-
-
-class SectionWise2D(nn.Module):
-    """Run a 2D network on every z-section of a ``(B, C, X, Y, Z)`` window, so that MONAI's 2D networks (the
-    FIB-SEM recipe's U-Nets, the original 2D U-Net baseline) plug into the bundle's 3D pipeline unchanged.
-
-    Args:
-        network: a 2D network mapping ``(N, C, X, Y)`` to ``(N, C_out, X, Y)``.
-    """
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, sx, sy, sz = x.shape
-        sections = x.permute(0, 4, 1, 2, 3).reshape(b * sz, c, sx, sy)
-        out = self.network(sections)
-        return out.reshape(b, sz, out.shape[1], sx, sy).permute(0, 2, 3, 4, 1)
-
-
-def unet_with_deep_dropout(
-    spatial_dims: int = 2,
-    in_channels: int = 1,
-    out_channels: int = 7,
-    features: Sequence[int] = (32, 32, 64, 128, 256, 32),
-    dropout: float = 0.5,
-) -> nn.Module:
-    """MONAI's ``BasicUNet`` with batch normalisation and dropout only after its deepest block (seed 003).
-
-    Args:
-        spatial_dims: 2 for the FIB-SEM recipe's section-wise U-Net.
-        in_channels: image channels (1, plus one per grain-filter area).
-        out_channels: classes.
-        features: ``BasicUNet`` widths.
-        dropout: dropout probability after the deepest block.
-    """
-    from monai.networks.nets import BasicUNet
-
-    net = BasicUNet(spatial_dims, in_channels, out_channels, features=features, norm="batch", dropout=0.0)
-    net.down_4 = nn.Sequential(net.down_4, nn.Dropout(dropout))
-    return net
