@@ -23,7 +23,8 @@ from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.baselines import SectionWise2D
 from scripts.blockwise import BlockwiseInference, FlipTTA, block_boxes, intensity_statistics
 from scripts.blockwise_workflow import open_datalist_volumes, prepare_network
-from scripts.crf import CRFRNN, NetworkWithCRF
+from scripts.crf import CRFRNN
+from scripts.crf_stack import NetworkWithCRF
 from scripts.ensembles import EnsembleNetwork
 from scripts.inference import FittedSlidingWindowInferer
 from scripts.networks import HybridUNet2D3D

@@ -12,7 +12,8 @@ from monai.bundle import ConfigParser
 
 from bundle_cli import bundle_run
 from conftest import BUNDLE, SAMPLE_DATA, require_data
-from scripts.crf import CRFRNN, BilateralMessage, NetworkWithCRF, _pair_offsets
+from scripts.crf import CRFRNN, BilateralMessage, _pair_offsets
+from scripts.crf_stack import NetworkWithCRF
 from scripts.losses import WeightedCrossEntropyLoss
 from scripts.networks import HybridUNet2D3D
 

@@ -37,7 +37,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from conftest import BUNDLE, REPO, require_data
-from scripts.crf import NetworkWithCRF
+from scripts.crf_stack import NetworkWithCRF
 from tools.variant_bundle import write_variant_bundle
 
 LABEL_VENV = REPO / ".venv-label"

@@ -7,7 +7,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 
 from conftest import BUNDLE, METADATA_SCHEMA
-from scripts.crf import NetworkWithCRF
+from scripts.crf_stack import NetworkWithCRF
 from scripts.io import InputError
 from tools.variant_bundle import write_variant_bundle
 

@@ -13,15 +13,14 @@ A fully-connected CRF's mean-field inference (Krähenbühl and Koltun 2011) unro
 
 Axis convention: MONAI's ``(B, C, X, Y, Z)`` with ``Z`` the section (anisotropic) axis last. Lengths are physical
 (nm with the bundle's spacings) and converted to voxels with ``spacing``, so the voxel spacing sets the initial
-xy/z ratio. :class:`NetworkWithCRF` puts the CRF after any of the bundle's networks (the full processing stack);
-``configs/variants/crf_stage2.json`` is the two-stage recipe (stage 1: the network alone with ``train.json``; stage 2:
-the stack end to end from the stage-1 checkpoint).
+xy/z ratio. ``scripts.crf_stack.NetworkWithCRF`` puts the CRF after any of the bundle's networks (the full
+processing stack); ``configs/variants/crf_stage2.json`` is the two-stage recipe (stage 1: the network alone with
+``train.json``; stage 2: the stack end to end from the stage-1 checkpoint).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -30,9 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from scripts.io import InputError, load_weights
-
-__all__ = ["BilateralMessage", "CRFRNN", "NetworkWithCRF"]
+__all__ = ["BilateralMessage", "CRFRNN"]
 
 
 def _pair_offsets(radius: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -343,70 +340,3 @@ class CRFRNN(nn.Module):
                 message = spatial_weight * self._spatial_message(q) + self._bilateral_message(q, features)
                 logits = unary - torch.einsum("lk,bk...->bl...", compatibility, message)
             return logits.permute(0, 1, 3, 4, 2).contiguous()
-
-
-class NetworkWithCRF(nn.Module):
-    """The full processing stack: a segmentation network followed by a :class:`CRFRNN` on its logits.
-
-    In training mode a network returning stacked heads ``(B, H, C, X, Y, Z)`` (the hybrid network's 3D and 2D
-    heads) keeps that contract: head 0 (the output head) is refined, the others pass through, so the weighted
-    multi-head loss still applies. Otherwise the refined logits ``(B, C, X, Y, Z)`` are returned.
-
-    Args:
-        network: maps ``(B, C_in, X, Y, Z)`` to logits; its first ``crf.image_channels`` input channels are the
-            CRF's image features.
-        crf: the CRF-RNN.
-    """
-
-    def __init__(self, network: nn.Module, crf: CRFRNN) -> None:
-        super().__init__()
-        self.network = network
-        self.crf = crf
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.network(x)
-        image = x[:, : self.crf.image_channels]
-        if out.ndim == x.ndim + 1:
-            refined = self.crf(out[:, 0], image)
-            return torch.cat([refined.unsqueeze(1), out[:, 1:].as_subclass(torch.Tensor).to(refined.dtype)], dim=1)
-        return self.crf(out, image)
-
-    def load_network(self, checkpoint: Union[str, os.PathLike]) -> NetworkWithCRF:
-        """Load stage-1 weights (``model.pt`` of ``train.json``: ``{"model": state dict}`` or a state dict) into
-        the wrapped network, or a whole stack's checkpoint into the stack (fine-tuning a trained stack, as MONAI
-        Label does with a bundle's ``models/model.pt``); returns ``self``.
-
-        Raises:
-            InputError: naming the checkpoint and how to produce it, or what differs if the weights fit neither the
-                network nor the stack.
-        """
-        hint = "train the network alone first (configs/train.json) or set --stage1_checkpoint"
-        try:
-            load_weights(self.network, checkpoint, hint)
-        except InputError:  # not the network's keys: a stack checkpoint ("network.*", "crf.*"), or a mismatch
-            load_weights(self, checkpoint, hint)
-        return self
-
-    def parameter_groups(
-        self, crf_learning_rate: Optional[float] = None, train_network: bool = True, **l2_lambdas: float
-    ) -> list[dict]:
-        """Optimiser groups: the network's (its ``l2_parameter_groups(**l2_lambdas)`` where it has them, the
-        paper's L2 terms) and the CRF's (no weight decay: its parameters are logs and a compatibility).
-
-        Args:
-            crf_learning_rate: the CRF group's learning rate; default the optimiser's.
-            train_network: False freezes the network (``requires_grad`` off) and trains the CRF alone.
-            l2_lambdas: passed to the network's ``l2_parameter_groups``.
-        """
-        groups: list[dict] = []
-        if train_network:
-            if hasattr(self.network, "l2_parameter_groups"):
-                groups += self.network.l2_parameter_groups(**l2_lambdas)
-            else:
-                groups.append({"params": list(self.network.parameters()), "name": "network"})
-        else:
-            self.network.requires_grad_(False)
-        crf_group: dict = {"params": list(self.crf.parameters()), "weight_decay": 0.0, "name": "crf"}
-        if crf_learning_rate is not None:
-            crf_group["lr"] = crf_learning_rate
-        return groups + [crf_group]
