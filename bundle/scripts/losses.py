@@ -123,12 +123,11 @@ class WeightedCrossEntropyLoss(_Loss):
         weight: torch.Tensor,
     ) -> torch.Tensor:
         """Head-weighted ``W * CE`` reduced as ``self.reduction`` says."""
-        b, nd, spatial = logits.shape[0], self.spatial_dims, logits.shape[3:]
-        # float32 log-softmax even under autocast: half precision loses the small probabilities
+        b, heads, nd, spatial = logits.shape[0], logits.shape[1], self.spatial_dims, logits.shape[3:]
+        # float32 even under autocast: half precision loses the small probabilities
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            logp = F.log_softmax(logits.float(), dim=2)
-            idx = cls.unsqueeze(1).expand(b, logits.shape[1], 1, *spatial)
-            ce = -logp.gather(2, idx).squeeze(2)  # (B, H, *spatial)
+            target = cls.expand(b, heads, *spatial).reshape(b * heads, *spatial)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), target, reduction="none").view(b, heads, *spatial)
             hw = torch.tensor(head_w, dtype=torch.float32, device=logits.device).view(1, -1, *([1] * nd))
             voxel = (ce * hw).sum(dim=1, keepdim=True) * weight  # (B, 1, *spatial), head-weighted W * CE
             if self.reduction == "none":
