@@ -1,15 +1,18 @@
 """Bad input stops with a message naming the file and the problem, before any training or inference starts."""
 
 import json
+from pathlib import Path
 
 import itk
+import monai
 import numpy as np
 import pytest
 import torch
 
 from bundle_cli import TINY, bundle_run
-from conftest import CONFIG_NETWORK, require_data
+from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.networks import HybridUNet2D3D
+from scripts.preflight import check_overrides
 
 
 def _write_pages(path, pages):
@@ -168,6 +171,9 @@ def test_unknown_or_mistyped_overrides_are_named(real_pair):
     )
     assert "--overlap: expected a number, got 'abc'" in _infer(tmp_path, overlap="abc")
     assert "--save_probabilities false: write True or False" in _infer(tmp_path, save_probabilities="false")
+    argv = [str(Path(monai.__file__).parent / "bundle" / "__main__.py"), "run", "training"]
+    train = str([str(BUNDLE / "configs" / "train.json")])
+    check_overrides([*argv, "--config_file", train, "--save_minutes", "0.5"])  # minutes: any number, not only whole
     assert "--infer_window: expected 3 values like [256, 256, 1], got [64, 64]" in _infer(
         tmp_path, infer_window=[64, 64]
     )

@@ -25,9 +25,11 @@ from scripts.io import VOLUME_SUFFIXES, InputError, load_weights
 
 # arguments of `python -m monai.bundle run` itself, not config keys
 RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
-# config keys whose default (None, or an expression) does not show the type an override must have
+# config keys whose default (None, an expression, or a whole number of a fractional quantity) does not show the
+# type an override must have
 KEY_TYPES = {
     "max_minutes": "number",
+    "save_minutes": "number",
     "input_spacing": "list",
     "ignore_label": "int",
     "overwrite": "bool",
