@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.transforms import Randomizable, Transform
 
+from scripts.distributed import rank_and_world
 from scripts.io import InputError, atomic_path, check_weights_fit
 
 
@@ -30,7 +30,7 @@ def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
 
 
 def _is_saving_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def save_atomically(content: dict, path: str | Path) -> None:
