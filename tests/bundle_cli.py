@@ -31,6 +31,17 @@ TRAINING_ONLY = {
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+def bundle_command(
+    run_id: str, config_files: list[str], overrides: dict, launcher: list[str] | None = None
+) -> list[str]:
+    """``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` as an argument list."""
+    command = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", run_id]
+    command += ["--config_file", json.dumps(config_files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return command
+
+
 def bundle_run(
     run_id: str,
     config_files: list[str],
@@ -42,13 +53,7 @@ def bundle_run(
     """Run ``python -m monai.bundle run <run_id> --config_file [...] --key value ...`` and return the result.
 
     ``launcher`` replaces ``python`` (e.g. ``TORCHRUN_2``)."""
-    command = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", run_id]
-    command += ["--config_file", json.dumps(config_files)]
-    for key, value in overrides.items():
-        command += [
-            f"--{key}",
-            json.dumps(value) if isinstance(value, (list, dict)) else str(value),
-        ]
+    command = bundle_command(run_id, config_files, overrides, launcher)
     result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

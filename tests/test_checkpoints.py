@@ -1,16 +1,14 @@
 """Training checkpoints: atomic, never NaN, never replacing an earlier run's unasked, and resumable after a kill."""
 
-import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from ignite.engine import Engine
 
-from bundle_cli import TINY, bundle_run
+from bundle_cli import TINY, bundle_command, bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, SAMPLE_DATA, require_data
 from scripts.checkpoints import BestCheckpoint, TrainingCheckpoint
 from scripts.io import InputError, load_weights
@@ -28,21 +26,6 @@ def _platelet(tmp_path, name):
     }
 
 
-def _command(overrides):
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        json.dumps(["configs/train.json"]),
-    ]
-    for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return command
-
-
 def _saved_epoch(path):
     try:
         return torch.load(path, weights_only=True)["trainer"]["epoch"]
@@ -57,7 +40,10 @@ def test_training_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_r
 
     killed = _platelet(tmp_path, "killed")
     process = subprocess.Popen(
-        _command({**RESUMABLE, **killed}), cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        bundle_command("training", ["configs/train.json"], {**RESUMABLE, **killed}),
+        cwd=BUNDLE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while _saved_epoch(tmp_path / "killed" / "model_last.pt") < 3 and process.poll() is None:

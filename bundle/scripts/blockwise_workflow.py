@@ -8,14 +8,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from monai.apps.utils import get_logger
 from monai.handlers import CheckpointLoader
 
 from scripts.blockwise import BlockwiseInference, BlockwiseResult, FlipTTA
 from scripts.distributed import barrier, rank_and_world
-from scripts.io import VOLUME_SUFFIXES, load_datalist, output_path
+from scripts.io import VOLUME_SUFFIXES, load_datalist, load_weights, output_path
 from scripts.label_volumes import zarr_labels_to_file
 from scripts.volumes import HDF5_SUFFIXES, Volume, open_volume, split_container_path
 
@@ -38,9 +37,8 @@ def prepare_network(network: nn.Module, handlers: Sequence, tta_axes: Sequence[i
         if isinstance(handler, CheckpointLoader):
             if not os.path.isfile(handler.load_path):
                 raise FileNotFoundError(f"checkpoint {handler.load_path} (ckpt_path) not found")
-            state = torch.load(handler.load_path, map_location=handler.map_location, weights_only=True)
-            for key, module in handler.load_dict.items():
-                module.load_state_dict(state[key] if key in state else state)
+            for module in handler.load_dict.values():
+                load_weights(module, handler.load_path, map_location=handler.map_location)
     network.eval()
     return FlipTTA(network, tta_axes) if tta_axes else network
 

@@ -161,6 +161,15 @@ def check_weights_fit(network: torch.nn.Module, state: Mapping[str, torch.Tensor
     )
 
 
+def read_checkpoint(checkpoint: str | os.PathLike, missing_hint: str = "", map_location="cpu") -> dict:
+    """The weights of a bundle checkpoint (a state dict, or ``{"model": state dict, ...}``), read with
+    ``torch.load(..., weights_only=True)``; an :class:`InputError` naming it (and ``missing_hint``) if it is missing."""
+    if not os.path.isfile(checkpoint):
+        raise InputError(f"checkpoint {checkpoint} not found" + (f": {missing_hint}" if missing_hint else ""))
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    return state.get("model", state)
+
+
 def load_weights(
     network: torch.nn.Module, checkpoint: str | os.PathLike, missing_hint: str = "", map_location="cpu"
 ) -> torch.nn.Module:
@@ -176,10 +185,7 @@ def load_weights(
         InputError: naming the checkpoint (and the hint) when it is missing, or the setting that differs when its
             layers do not fit ``network``.
     """
-    if not os.path.isfile(checkpoint):
-        raise InputError(f"checkpoint {checkpoint} not found" + (f": {missing_hint}" if missing_hint else ""))
-    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    state = state.get("model", state)
+    state = read_checkpoint(checkpoint, missing_hint, map_location)
     check_weights_fit(network, state, str(checkpoint))
     network.load_state_dict(state)
     return network

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.handlers import CheckpointLoader
 
-from scripts.io import VOLUME_SUFFIXES, InputError, load_weights
+from scripts.io import VOLUME_SUFFIXES, InputError, check_weights_fit, read_checkpoint
 
 # arguments of `python -m monai.bundle run` itself, not config keys
 RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
@@ -185,7 +185,7 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
                 raise InputError(f"--{key}: expected {len(default)} values like {default}, got {value!r}")
 
 
-def _tiff_page_count(path: Path, name: str) -> int:
+def _check_tiff_directories(path: Path, name: str) -> None:
     """Walk a TIFF's chain of page directories; a directory beyond the end of the file means a truncated file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -213,7 +213,6 @@ def _tiff_page_count(path: Path, name: str) -> int:
                 raise InputError(f"{name}: truncated inside page {pages + 1}'s directory: copy the file again")
             offset = struct.unpack(order + offset_format, raw)[0]
             pages += 1
-    return pages
 
 
 def _check_tiff_pages(path: Path, name: str, formats: bool) -> None:
@@ -245,7 +244,7 @@ def check_tiff_complete(path: str | os.PathLike) -> None:
     """A TIFF file's page directories and pixel data all lie inside the file (checked without reading pixels): a
     truncated stack would otherwise read as its first pages."""
     path = Path(path)
-    _tiff_page_count(path, str(path))
+    _check_tiff_directories(path, str(path))
     _check_tiff_pages(path, str(path), formats=False)
 
 
@@ -269,7 +268,7 @@ def check_volume_file(path: str | os.PathLike, what: str = "") -> None:
     if path.stat().st_size == 0:
         raise InputError(f"{path}{where}: the file is empty (0 bytes): copy or export it again")
     if suffix in (".tif", ".tiff"):
-        _tiff_page_count(path, f"{path}{where}")
+        _check_tiff_directories(path, f"{path}{where}")
         _check_tiff_pages(path, f"{path}{where}", formats=True)
     image_io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
     if image_io is None:
@@ -384,4 +383,4 @@ def check_inference(
     check_writable(output_dir, "output_dir")
     for handler in handlers:
         if network is not None and isinstance(handler, CheckpointLoader):
-            load_weights(network, handler.load_path, "set --ckpt_path")
+            check_weights_fit(network, read_checkpoint(handler.load_path, "set --ckpt_path"), str(handler.load_path))
