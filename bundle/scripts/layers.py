@@ -30,12 +30,12 @@ class SectionConv3d(nn.Conv3d):
         if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1:
             # a 1x1x1 convolution is a per-voxel matrix product: one 1x1 2D call over (X, Y * Z)
             b, _, sx, sy, sz = input.shape
-            out = F.conv2d(input.reshape(b, -1, sx, sy * sz), self.weight[:, :, :, :, 0], self.bias)
+            out = F.conv2d(input.reshape(b, -1, sx, sy * sz), self.weight.squeeze(-1), self.bias)
             return out.reshape(b, -1, sx, sy, sz)
         if input.shape[-1] == 1 and kz == 2 * pz + 1 and self.stride[2] == 1 and self.padding_mode == "zeros":
             out = F.conv2d(
-                input[..., 0],
-                self.weight[:, :, :, :, pz],
+                input.squeeze(-1),
+                self.weight.squeeze(-1) if kz == 1 else self.weight[..., pz],
                 self.bias,
                 (self.stride[0], self.stride[1]),
                 (self.padding[0], self.padding[1]),
