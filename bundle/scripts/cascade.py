@@ -18,6 +18,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform, Zoom
+from monai.utils import convert_to_dst_type
 
 from scripts.io import load_weights
 
@@ -89,7 +90,6 @@ class CoarseProbabilitiesd(MapTransform):
             image = d[key]
             plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             stacked = torch.cat([plain.float(), self.probabilities(plain)])
-            if isinstance(image, MetaTensor):  # same meta (affine, filename...) and transform history
-                stacked = MetaTensor(stacked, meta=dict(image.meta), applied_operations=list(image.applied_operations))
-            d[key] = stacked
+            # the image's type and device, with its meta (affine, filename...) and transform history
+            d[key] = convert_to_dst_type(stacked, image, dtype=torch.float32)[0]
         return d

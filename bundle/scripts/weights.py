@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable, Mapping, Sequence
-from copy import deepcopy
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from monai.utils import ensure_tuple_rep
+from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
 __all__ = ["class_balance_weights", "edge_weights", "weight_map", "WeightMapd"]
 
@@ -375,16 +374,5 @@ class WeightMapd(MapTransform):
             if self.device is not None:
                 lab = lab.to(self.device)
             w = weight_map(lab, self.num_classes, **self.map_kwargs)
-            if isinstance(label, MetaTensor):
-                out: Any = MetaTensor(
-                    w.to(label.device),
-                    meta=deepcopy(label.meta),
-                    applied_operations=deepcopy(label.applied_operations),
-                )
-                out.is_batch = label.is_batch
-            elif isinstance(label, np.ndarray):
-                out = w.cpu().numpy()
-            else:
-                out = w.to(label.device)
-            d[weight_key] = out
+            d[weight_key] = convert_to_dst_type(w, label, dtype=w.dtype)[0]  # the label's type, device and meta
         return d
