@@ -6,7 +6,6 @@ Usage in a benchmark: ``from provenance import write_report`` then ``write_repor
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "bundle") not in sys.path:
     sys.path.insert(0, str(REPO / "bundle"))
-from scripts.io import atomic_path  # noqa: E402
+from scripts.io import write_json_atomically  # noqa: E402
 from scripts.precision import cpu_flags  # noqa: E402
 
 #: the flags that decide which kernels run fast (native bf16, AMX tiles, AVX-512, AVX2 + FMA)
@@ -67,8 +66,7 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     path = Path(path) if Path(path).is_absolute() else REPO / path
     env = environment()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**report, "environment": env}, indent=2) + "\n")
+    write_json_atomically({**report, "environment": env}, path, indent=2)
     flags = ", ".join(env["cpu_flags"]) or "none of " + ", ".join(SPEED_FLAGS)
     print(f"machine: {env['cpu']} ({env['cpus']} cores, {env['torch_threads']} threads; flags: {flags})")
     print(f"commit {env['commit']}; json: {path}")

@@ -4,7 +4,6 @@ network whose results the blocks hold (a restart with other weights must not mix
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from scripts.io import atomic_path
+from scripts.io import write_json_atomically
 from scripts.volumes import Box
 
 
@@ -44,8 +43,7 @@ class BlockMarkers:
 
     def mark_done(self, box: Box) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(box)) as tmp:
-            tmp.write_text(json.dumps({"box": [list(map(int, b)) for b in box]}))
+        write_json_atomically({"box": [list(map(int, b)) for b in box]}, self.path(box), indent=None)
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

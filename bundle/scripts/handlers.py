@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.io import atomic_path
+from scripts.io import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -195,5 +194,4 @@ class TrainingSummary:
             "stopped_by": "max_minutes" if out_of_time else "max_epochs",
         }
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
+        write_json_atomically(summary, self.path, indent=2)

@@ -245,6 +245,12 @@ def write_csv_atomically(rows: Sequence[Mapping], path: str | os.PathLike) -> No
         writer.writerows(rows)
 
 
+def write_json_atomically(data, path: str | os.PathLike, indent: int | None = 4) -> None:
+    """Write ``data`` as JSON (with a final newline) through ``atomic_path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+
+
 def write_volume_atomically(array: torch.Tensor | np.ndarray, meta: Mapping, path: str | os.PathLike, dtype) -> Path:
     """Write a channel-first ``(C, X, Y, Z)`` array to ``path`` through a temporary file and an atomic rename.
 

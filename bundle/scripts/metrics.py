@@ -6,7 +6,6 @@ left out of the means, rather than counted as 0 or 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from ignite.metrics import ConfusionMatrix
+from ignite.metrics.metric import reinit__is_reduced
 from monai.transforms import LoadImage
 
-from scripts.io import atomic_path, load_datalist, output_path, write_csv_atomically
+from scripts.io import load_datalist, output_path, write_csv_atomically, write_json_atomically
 from scripts.objects import describe, missed_object_mask, object_report
 from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd
 
@@ -86,28 +85,29 @@ def _class_indices(pred: torch.Tensor) -> torch.Tensor:
     return pred.argmax(0) if pred.shape[0] > 1 else pred[0]
 
 
-class _ConfusionMetric(Metric):
-    """Ignite metric accumulating a confusion matrix over an epoch of (pred, label) outputs."""
+class _ConfusionMetric(ConfusionMatrix):
+    """ignite's ``ConfusionMatrix`` (accumulation over an epoch, summed over DDP ranks) fed with class indices.
+
+    Its own ``update`` needs ``num_classes`` prediction channels (a one-hot copy of every validation volume) and has
+    no ignore label; only ``update`` is replaced.
+    """
 
     def __init__(
         self, num_classes: int, ignore_index: int | None = None, output_transform: Callable = lambda x: x
     ) -> None:
-        self.num_classes = num_classes
         self.ignore_index = ignore_index
-        super().__init__(output_transform=output_transform)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        super().__init__(num_classes, output_transform=output_transform)
 
     @reinit__is_reduced
     def update(self, output) -> None:
         for pred, label in _as_pairs(output):
-            self._cm += confusion_matrix(_class_indices(pred), label, self.num_classes, self.ignore_index)
+            counts = confusion_matrix(_class_indices(pred), label, self.num_classes, self.ignore_index)
+            self.confusion_matrix += counts.to(self.confusion_matrix)
+            self._num_examples += 1
 
-    @sync_all_reduce("_cm")  # under DDP every rank validates its share: the confusion matrices are summed
     def confusion(self) -> torch.Tensor:
-        return self._cm
+        """The summed counts (rows = ground truth, columns = prediction) of every rank."""
+        return ConfusionMatrix.compute(self)
 
 
 class MeanIoU(_ConfusionMetric):
@@ -270,8 +270,7 @@ class SegmentationReport:
         summary = {"volumes": volumes, "mean": self._summary(total, name="ALL"), "objects": objects}
         write_csv_atomically(rows, self.output_dir / "metrics.csv")
         write_csv_atomically(objects, self.output_dir / "objects.csv")
-        with atomic_path(self.output_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=4))
+        write_json_atomically(summary, self.output_dir / "metrics.json")
         print(format_table(rows, ["volume", "class", "iou", "dice", "precision", "recall"]))
         print(format_table(volumes + [summary["mean"]], ["volume", "miou_all", "miou_org"]))
         columns = ["volume", "class", "gt_objects", "found", "missed", "under_detected", "pred_objects"]

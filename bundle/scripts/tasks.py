@@ -36,7 +36,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapLabelValued
 
-from scripts.io import atomic_path, load_class_schema
+from scripts.io import load_class_schema, write_json_atomically
 from scripts.transforms import _source
 
 __all__ = ["LabelTask", "load_task", "MapLabelsd", "write_metadata"]
@@ -256,8 +256,7 @@ def write_metadata(task: str, metadata_file: str | None = None, output: str | No
         meta = task_metadata(label_task, json.load(f))
     path = Path(output) if output else Path(label_task.source_schema).with_name(f"metadata_{label_task.name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=4) + "\n")
+    write_json_atomically(meta, path)
     print(f"task {label_task.name}: {label_task.describe()}")
     return str(path)
 
