@@ -39,6 +39,7 @@ BUNDLE = REPO / "bundle"
 sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle package `scripts` and the tools package
 from scripts.io import atomic_path, data_root, write_csv_atomically  # noqa: E402
 from tools.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
+from tools.tables import markdown_table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside this file
 from provenance import write_report  # noqa: E402
@@ -178,19 +179,6 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if value != value else f"{value:.3f}"
-    return str(value)
-
-
-def _markdown(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _rows(results: list[dict]) -> list[dict]:
     """One row per (budget, data set, arm): means over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -258,7 +246,7 @@ def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results
     for dataset in sorted({r["dataset"] for r in rows}):
         subset = [r for r in rows if r["dataset"] == dataset]
         write_csv_atomically(subset, out / f"recipe_study_{dataset}.csv")
-        text = f"## {dataset}\n\n{_markdown(subset)}\n"
+        text = f"## {dataset}\n\n{markdown_table(subset)}\n"
         with atomic_path(out / f"recipe_study_{dataset}.md") as tmp:
             tmp.write_text(text)
         printed.append(text)
@@ -278,7 +266,7 @@ def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results
             | {"beats plain MONAI on both": beats}
         )
     write_csv_atomically(summary, out / "recipe_study_summary.csv")
-    summary_text = f"## Summary (means over seeds)\n\n{_markdown(summary)}\n"
+    summary_text = f"## Summary (means over seeds)\n\n{markdown_table(summary)}\n"
     with atomic_path(out / "recipe_study_summary.md") as tmp:
         tmp.write_text(summary_text)
     _plot(rows, out / "recipe_study_summary.png")

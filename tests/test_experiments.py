@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, SAMPLE_DATA, require_data
-from tools.experiments import ExperimentRunner, table1_rows, variant_files
+from tools.experiment_tables import table1_rows
+from tools.experiments import ExperimentRunner, variant_files
 
 TINY_RUN = {
     "network_def#features": 8,

@@ -29,8 +29,9 @@ import fire
 import torch
 import yaml
 
-from scripts.io import atomic_path, data_root
+from scripts.io import atomic_path, data_root, write_json_atomically
 from tools import BUNDLE_ROOT
+from tools.tables import markdown_table
 
 RECIPE = ["configs/train.json"]
 SHIPPED = ["models/model.pt", "models/model.ts"]
@@ -67,11 +68,6 @@ def _chosen_precision() -> str:
     from scripts.precision import resolve_precision
 
     return resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _figure(value: float) -> str:
-    """Three decimals, or '-' for a class with no IoU (absent from ground truth and prediction)."""
-    return "-" if value != value else f"{value:.3f}"
 
 
 def main(
@@ -139,18 +135,15 @@ def main(
         "objects": metrics["objects"],
         "picture": str(PICTURE.relative_to(BUNDLE_ROOT)),
     }
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(json.dumps(results, indent=4) + "\n")
+    write_json_atomically(results, RESULTS)
     mean = metrics["mean"]
     print(f"\nshipped: {', '.join(SHIPPED)}; figures: {RESULTS}; picture: {PICTURE}")
     print(f"validation MIoU(all) {mean['miou_all']:.4f}, MIoU(org) {mean['miou_org']:.4f}")
-    print("\n| class | IoU | Dice |\n|---|---|---|")
-    for name, iou in mean["iou"].items():
-        print(f"| {name} | {_figure(iou)} | {_figure(mean['dice'][name])} |")
-    print("\n| class | GT objects | found | missed | under-detected | predicted objects |\n|---|---|---|---|---|---|")
-    for row in metrics["objects"]:
-        counts = [row[k] for k in ("gt_objects", "found", "missed", "under_detected", "pred_objects")]
-        print(f"| {row['class']} | " + " | ".join(str(c) for c in counts) + " |")
+    per_class = [{"class": name, "IoU": iou, "Dice": mean["dice"][name]} for name, iou in mean["iou"].items()]
+    print("\n" + markdown_table(per_class))
+    columns = ["class", "gt_objects", "found", "missed", "under_detected", "pred_objects"]
+    header = ["class", "GT objects", "found", "missed", "under-detected", "predicted objects"]
+    print("\n" + markdown_table(metrics["objects"], columns, header))
     print(f"\ntotal {time.time() - start:.0f} s (training {train_seconds:.0f} s)")
 
 
