@@ -13,15 +13,16 @@ import tifffile
 import torch
 import zarr
 from monai.bundle import ConfigParser
+from monai.data.utils import dense_patch_slices
 from monai.handlers import CheckpointLoader
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer, SlidingWindowSplitter
 from monai.networks.nets import BasicUNet
 from monai.transforms import NormalizeIntensity
 
 from bundle_cli import bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.baselines import SectionWise2D
-from scripts.blockwise import BlockwiseInference, FlipTTA, block_boxes, intensity_statistics
+from scripts.blockwise import BlockwiseInference, FlipTTA, WindowGrid, block_boxes, intensity_statistics
 from scripts.blockwise_workflow import open_datalist_volumes, prepare_network
 from scripts.crf import CRFRNN
 from scripts.crf_stack import NetworkWithCRF
@@ -91,6 +92,16 @@ def test_matches_sliding_window_on_synthetic_volume(roi, block, batch, fit_axes,
     entropy = torch.special.entr(torch.softmax(expected, 0)).sum(0).numpy()
     uncertainty = open_volume(f"{tmp_path / 'v_seg.zarr'}:/uncertainty").read([[0, 70], [0, 50], [0, 5]])
     np.testing.assert_allclose(uncertainty.astype(np.float32), entropy, atol=2e-3)
+
+
+def test_window_grid_is_sliding_window_inference_grid_not_splitter_grid():
+    # why WindowGrid uses MONAI's private _get_scan_interval: the public SlidingWindowSplitter lays another grid
+    # (its last window runs past the volume end where sliding_window_inference moves it back inside)
+    grid = WindowGrid((100, 1, 1), (32, 1, 1), overlap=0.25)
+    monai_starts = sorted({s.start for s, *_ in dense_patch_slices((100, 1, 1), (32, 1, 1), (24, 1, 1))})
+    assert grid.axis_starts[0].tolist() == monai_starts == [0, 24, 48, 68]
+    splitter = SlidingWindowSplitter((32, 1, 1), overlap=0.25)
+    assert sorted({location[0] for _, location in splitter(torch.zeros(1, 1, 100, 1, 1))}) != monai_starts
 
 
 def test_matches_sliding_window_on_isbi_crop():

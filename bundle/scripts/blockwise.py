@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from monai.apps.utils import get_logger
 from monai.data.utils import compute_importance_map, dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
+from monai.inferers.utils import _get_scan_interval  # the public SlidingWindowSplitter lays another grid (tested)
 from monai.utils import ensure_tuple_rep
 from tqdm import tqdm
 
