@@ -16,11 +16,10 @@ import time
 
 import fire
 import numpy as np
-from monai.transforms import LoadImage
 
 from scripts.io import data_root, load_class_schema, load_datalist, output_path
 from scripts.pictures import save_comparison_png
-from scripts.transforms import AddSectionAxisd, CropRegiond
+from scripts.transforms import source_volume_loading
 from tools import BUNDLE_ROOT
 
 DEMO_VARIANT = "configs/variants/demo_cpu.json"
@@ -58,15 +57,8 @@ def main(workdir: str = "../runs/demo") -> None:
     mean = metrics["mean"]
     names = load_class_schema(BUNDLE_ROOT / "configs" / "metadata.json")["names"]
     item = load_datalist(datalist, dataset_dir, key="validation")[0]
-    load = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
-    keys = ["image", "label", "pred"]
-    volumes = {
-        "image": load(item["image"]),
-        "label": load(item["label"]),
-        "pred": load(output_path(item["image"], workdir / "eval", "seg")),
-        "region": item.get("region"),
-    }
-    volumes = CropRegiond(keys)(AddSectionAxisd(keys)(volumes))
+    item["pred"] = str(output_path(item["image"], workdir / "eval", "seg"))
+    volumes = source_volume_loading(["image", "label", "pred"])(item)
     picture = save_comparison_png(
         *(np.asarray(volumes[k][0]) for k in ("image", "label", "pred")),
         path=workdir / "eval" / "comparison.png",

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from ignite.metrics import ConfusionMatrix
 from ignite.metrics.metric import reinit__is_reduced
-from monai.transforms import LoadImage
 
 from scripts.io import load_datalist, output_path, write_csv_atomically, write_json_atomically
 from scripts.objects import describe, missed_object_mask, object_report
-from scripts.transforms import AddSectionAxisd, CropRegiond, SetSpacingd
+from scripts.transforms import source_volume_loading
 
 logger = logging.getLogger(__name__)
 
@@ -231,11 +230,8 @@ class SegmentationReport:
 
     def _load(self, item: dict) -> dict:
         """Image, prediction and label of an item, cropped to its region, with the label's voxel spacing."""
-        loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
         keys = ["image", "pred", "label"]
-        d = {key: loader(item[key]) for key in keys}
-        d.update(region=item.get("region"), spacing=item.get("spacing"))
-        d = SetSpacingd(keys, spacing=self.spacing)(CropRegiond(keys)(AddSectionAxisd(keys)(d)))
+        d = source_volume_loading(keys, self.spacing)({k: item[k] for k in (*keys, "region", "spacing") if k in item})
         for transform in self.label_transforms:
             d = transform(d)
         if d["pred"].shape != d["label"].shape:

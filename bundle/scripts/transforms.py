@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandCropByLabelClassesd, SpatialCrop
+from monai.transforms import Compose, LoadImaged, MapTransform, RandCropByLabelClassesd, SpatialCrop
 
 from scripts.io import InputError
 
@@ -20,6 +20,25 @@ logger = logging.getLogger(__name__)
 def _source(array: torch.Tensor) -> str:
     meta = getattr(array, "meta", {})
     return str(meta.get("filename_or_obj", "<in-memory array>"))
+
+
+def source_volume_loading(keys: KeysCollection, spacing: Sequence[float] | None = None) -> Compose:
+    """The configs' loading chain up to, not including, resampling: the files as the datalist gives them (ITK reader,
+    channel first, a section axis, the item's ``region``, its voxel spacing). Scoring and pictures use it, as they
+    compare predictions with the files.
+
+    Args:
+        keys: keys of the file paths.
+        spacing: voxel size (x, y, z) for files that lack it; an item's own ``spacing`` entry wins.
+    """
+    return Compose(
+        [
+            LoadImaged(keys, reader="ITKReader", ensure_channel_first=True, image_only=True),
+            AddSectionAxisd(keys),
+            CropRegiond(keys),
+            SetSpacingd(keys, spacing=spacing),
+        ]
+    )
 
 
 class AddSectionAxisd(MapTransform):
