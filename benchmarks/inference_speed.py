@@ -20,7 +20,8 @@ volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In o
 ``--part bf16`` (c): the shipped model (``models/model.pt``, ``configs/inference.json``'s network) on the platelet
 slice through block-wise inference, float32 and bfloat16 autocast, with contiguous and with channels-last weights:
 seconds, speed-up and validation MIoU of each; and the paper-size network's forward on one channels-last
-(296, 296, 24) window in both precisions (random weights: speed only).
+(296, 296, 24) window in both precisions (random weights: speed only). It ends with the throughput table of this
+machine: voxels/s, minutes per gigavoxel and the useful share of the float32 matrix-multiply peak of each.
 
 FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
 them as JSON. Usage (from the repository root)::
@@ -53,12 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import write_report  # noqa: E402
 from train_step import matmul_gflops  # noqa: E402
 
+sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
 from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 from scripts.volumes import ArrayVolume, open_volume  # noqa: E402
+from tools.tables import markdown_table  # noqa: E402
 
 DATA = SAMPLE_DATA / "platelet"
 TRAIN_WINDOW = (296, 296, 5)
@@ -218,6 +221,7 @@ def _remove(zarr_path: Path) -> None:
 
 
 def bf16(repeats: int = 2, paper_window: tuple = (296, 296, 24)) -> dict:
+    peak_at_start = matmul_gflops()
     network, parser = _shipped_model()
     window = parser["infer_window"]
     image, labels = _platelet_stack(1)
@@ -243,11 +247,58 @@ def bf16(repeats: int = 2, paper_window: tuple = (296, 296, 24)) -> dict:
         result = results[layout]
         result["speed_up"] = round(result["float32"]["seconds"] / result["bfloat16"]["seconds"], 2)
         result["miou_all_change"] = round(result["bfloat16"]["miou_all"] - result["float32"]["miou_all"], 4)
+    paper = _paper_size_bf16(paper_window)
+    peak = max(peak_at_start, matmul_gflops())  # a shared machine drifts: the higher of two measurements
+    rows = [
+        _throughput(
+            "shipped model, block-wise, whole slice",
+            layout,
+            name,
+            math.prod(image.shape),
+            timing["seconds"],
+            flops_per_voxel(network, window),
+            peak,
+        )
+        for layout in results
+        for name, timing in results[layout].items()
+        if isinstance(timing, dict)
+    ]
+    paper_flops = flops_per_voxel(HybridUNet2D3D(out_channels=7, features=64).eval(), paper_window)
+    rows += [
+        _throughput(
+            "paper network, forward of one window",
+            "channels_last",
+            name,
+            math.prod(paper_window),
+            seconds,
+            paper_flops,
+            peak,
+        )
+        for name, seconds in paper["seconds"].items()
+    ]
+    print("\n" + markdown_table(rows) + "\n")
     return {
         "model": "models/model.pt (configs/inference.json network)",
         "window": window,
         **results,
-        "paper_size_forward": _paper_size_bf16(paper_window),
+        "paper_size_forward": paper,
+        "matmul_fp32_gflops": round(peak, 1),
+        "throughput": rows,
+    }
+
+
+def _throughput(
+    what: str, layout: str, precision: str, voxels: int, seconds: float, flops: float, peak_gflops: float
+) -> dict:
+    """One row of the throughput table: voxels/s, minutes per gigavoxel, and useful GFLOP/s against the peak."""
+    rate = voxels / seconds
+    return {
+        "network and path": what,
+        "layout": layout,
+        "precision": precision,
+        "voxels/s": round(rate),
+        "min per gigavoxel": round(1e9 / rate / 60, 1),
+        "% of float32 matmul peak": round(100 * rate * flops / 1e9 / peak_gflops, 1),
     }
 
 
