@@ -18,7 +18,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform, Zoom
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from scripts.io import load_weights
 
@@ -89,7 +89,8 @@ class CoarseProbabilitiesd(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-            stacked = torch.cat([plain.float(), self.probabilities(plain)])
+            # plain tensors: the probabilities come through Zoom, whose own meta must not win over the image's
+            stacked = convert_to_tensor(torch.cat([plain.float(), self.probabilities(plain)]), track_meta=False)
             # the image's type and device, with its meta (affine, filename...) and transform history
             d[key] = convert_to_dst_type(stacked, image, dtype=torch.float32)[0]
         return d
