@@ -15,7 +15,6 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform, Zoom
 from monai.utils import convert_to_dst_type, convert_to_tensor
@@ -76,7 +75,7 @@ class CoarseProbabilitiesd(MapTransform):
         if image.ndim - 1 != len(self.factor):
             raise ValueError(f"image shape {tuple(image.shape)} does not match factor {self.factor} (x, y, z)")
         device = self.device or image.device
-        coarse = self.zoom(image.float())
+        coarse = convert_to_tensor(self.zoom(image.float()), track_meta=False)  # Zoom's own meta must not leak out
         with torch.no_grad():
             logits = self.inferer(coarse[None].to(device), self.network)
             prob = torch.softmax(logits.float(), dim=1)
@@ -88,9 +87,8 @@ class CoarseProbabilitiesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-            # plain tensors: the probabilities come through Zoom, whose own meta must not win over the image's
-            stacked = convert_to_tensor(torch.cat([plain.float(), self.probabilities(plain)]), track_meta=False)
+            plain = convert_to_tensor(image, track_meta=False)
+            stacked = torch.cat([plain.float(), self.probabilities(plain)])
             # the image's type and device, with its meta (affine, filename...) and transform history
             d[key] = convert_to_dst_type(stacked, image, dtype=torch.float32)[0]
         return d
