@@ -357,3 +357,30 @@ def test_transposed_up_sampling_prints_a_grid_on_a_flat_image(upsample, periodic
         logits = net(torch.full((1, 1, 128, 128, 1), 0.5))[0, :, 48:80, 48:80, 0]  # beyond the padding's reach
     spread = (logits - logits.mean(dim=(1, 2), keepdim=True)).abs().max() / logits.abs().max()
     assert (spread.item() > 1e-3) == periodic  # measured: 1.2e-2 transposed, 1.5e-5 interpolate
+
+
+@pytest.mark.parametrize("pyramid", [True, False])
+def test_stem_stride_2_halves_the_working_grid_and_returns_full_resolution_logits(pyramid):
+    net = small(stem_stride=2, pyramid=pyramid, out_channels=3, norm="instance", upsample="interpolate")
+    assert net.spatial_divisor == 16  # the stem's stride times the three pooling steps
+    seen = []
+    hook = net.net_2d.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    x = torch.randn(2, 1, 32, 48, 3)
+    out = net(x)
+    hook.remove()  # TorchScript cannot compile the lambda
+    assert seen == [(2, 8, 16, 24, 3)]  # the encoder-decoder runs on the halved xy grid, z untouched
+    assert out.shape == ((2, 2, 3, 32, 48, 3) if pyramid else (2, 3, 32, 48, 3))
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    groups = net.l2_parameter_groups()  # raises unless the stem and up-samplings are in exactly one group
+    assert any(p is net.stem.conv.weight for p in groups[0]["params"])
+    net.eval()
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        net(torch.randn(1, 1, 24, 32, 1))
+
+
+def test_stem_stride_1_keeps_the_paper_network_and_its_checkpoints(default_net):
+    assert not any(key.startswith(("stem.", "up_2d.", "up_3d.")) for key in default_net.state_dict())
+    with pytest.raises(ValueError, match="stem_stride"):
+        HybridUNet2D3D(stem_stride=4)

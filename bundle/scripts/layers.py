@@ -47,13 +47,18 @@ class SectionConv3d(nn.Conv3d):
 
 
 def conv_block(
-    in_channels: int, out_channels: int, kernel_size: Sequence[int], norm: Optional[str] = None
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    norm: Optional[str] = None,
+    stride: Sequence[int] | int = 1,
 ) -> Convolution:
     """Zero-padded ("same") convolution with bias, optional normalisation, then ReLU (the paper: no norm)."""
     block = Convolution(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,
+        strides=stride,
         kernel_size=kernel_size,
         act=("relu", {"inplace": True}),
         norm=norm_spec(norm),

@@ -241,6 +241,10 @@ class HybridUNet2D3D(nn.Module):
         norm: normalisation after every convolution: None (the paper), ``"instance"`` or ``"batch"``.
         upsample: ``"transposed"`` (the paper's 1x2x2 transposed convolutions) or ``"interpolate"`` (nearest
             up-sampling then a (3, 3, 1) convolution, free of the transposed convolution's period-2 grid).
+        stem_stride: 1 (the paper) or 2: a (3, 3, 1) convolution of stride (2, 2, 1) with ``features`` kernels
+            feeds the network, which then runs on a grid halved in x and y, and each head's logits are up-sampled
+            back (``upsample``). The plain MONAI UNet's first layer is strided the same way: it quarters the work,
+            most of which the full-resolution blocks do, and doubles each block's field of view.
     """
 
     def __init__(
@@ -257,8 +261,11 @@ class HybridUNet2D3D(nn.Module):
         deep_supervision: bool = True,
         norm: Optional[str] = None,
         upsample: str = "transposed",
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         if features < 2:
             raise ValueError(f"features must be >= 2 (the extra 3x3x3 conv has features // 2 kernels), got {features}")
         if num_scales < 1:
@@ -282,11 +289,25 @@ class HybridUNet2D3D(nn.Module):
         self.deep_supervision = bool(deep_supervision)
         self.pyramid = bool(pyramid)
         pool_steps = max(num_scales, len(pyramid_convs) - 1 if pyramid else 0)
-        self.spatial_divisor: int = 2**pool_steps
+        self.spatial_divisor: int = 2**pool_steps * stem_stride
         self.pool_steps: int = pool_steps
 
+        # stride 1: Identity modules without parameters, so the paper network's checkpoints are unchanged
+        stem_factor = (stem_stride, stem_stride, 1)
+        self.stem: nn.Module = nn.Identity()
+        self.up_2d: nn.Module = nn.Identity()
+        self.up_3d: nn.Module = nn.Identity()
+        if stem_stride > 1:
+            self.stem = conv_block(in_channels, features, _KERNEL_2D, norm, stride=stem_factor)
+            self.up_2d = upsampling(out_channels, out_channels, stem_factor, upsample)
         self.net_2d = _EncoderDecoder2D(
-            in_channels, features, num_scales, convs_per_block, conv3d_blocks, norm, upsample
+            features if stem_stride > 1 else in_channels,
+            features,
+            num_scales,
+            convs_per_block,
+            conv3d_blocks,
+            norm,
+            upsample,
         )
         self.predictor_2d = SectionConv3d(self.net_2d.out_channels, out_channels, kernel_size=1, bias=True)
         # plain None attributes when pyramid=False (TorchScript folds the `is None` branches away)
@@ -297,6 +318,8 @@ class HybridUNet2D3D(nn.Module):
                 out_channels + self.net_2d.out_channels, pyramid_features, pyramid_convs, norm, upsample
             )
             self.predictor_3d = SectionConv3d(self.net_3d.out_channels, out_channels, kernel_size=1, bias=True)
+            if stem_stride > 1:
+                self.up_3d = upsampling(out_channels, out_channels, stem_factor, upsample)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -319,15 +342,15 @@ class HybridUNet2D3D(nn.Module):
                     f"divisible by {d} (2**{self.pool_steps} for the (2, 2, 1) max-pool steps); crop or pad X and Y "
                     f"to a multiple of {d}, e.g. ({sx // d * d}, {sy // d * d}, {sz}). Z (sections, last) is free."
                 )
-        features = self.net_2d(x)
+        features = self.net_2d(self.stem(x))
         logits_2d = self.predictor_2d(features)
         net_3d = self.net_3d
         predictor_3d = self.predictor_3d
         if net_3d is None or predictor_3d is None:
-            return logits_2d
-        logits_3d = predictor_3d(net_3d(torch.cat([logits_2d, features], dim=1)))
+            return self.up_2d(logits_2d)
+        logits_3d = self.up_3d(predictor_3d(net_3d(torch.cat([logits_2d, features], dim=1))))
         if self.training and self.deep_supervision:
-            return torch.stack([logits_3d, logits_2d], dim=1)
+            return torch.stack([logits_3d, self.up_2d(logits_2d)], dim=1)
         return logits_3d
 
     def l2_parameter_groups(
@@ -338,7 +361,8 @@ class HybridUNet2D3D(nn.Module):
         The paper's loss adds ``λ2D Σ‖θ‖²`` (encoder-decoder), ``λ3D Σ‖θ‖²`` (pyramid) and ``λP Σ‖θ‖²`` (the two
         1x1x1 predictors), kernels and biases alike. The gradient of ``λ‖θ‖²`` is ``2λθ``, so each group gets
         ``weight_decay = 2λ`` (coupled decay, i.e. Adam, not AdamW). Note: the released TF code used
-        ``tf.contrib.layers.l2_regularizer`` = ``λ‖θ‖²/2``; pass ``λ/2`` to mirror it instead of the paper.
+        ``tf.contrib.layers.l2_regularizer`` = ``λ‖θ‖²/2``; pass ``λ/2`` to mirror it instead of the paper. With
+        ``stem_stride`` 2, the stem and the 2D logits' up-sampling count as 2D layers, the 3D logits' as pyramid ones.
 
         Args:
             lambda_2d: λ of the 2D encoder-decoder (paper 10**-4.7).
@@ -350,8 +374,8 @@ class HybridUNet2D3D(nn.Module):
         """
         predictors = [self.predictor_2d] + ([self.predictor_3d] if self.predictor_3d is not None else [])
         spec = [
-            ("net_2d", [self.net_2d], lambda_2d),
-            ("net_3d", [self.net_3d] if self.net_3d is not None else [], lambda_3d),
+            ("net_2d", [self.stem, self.net_2d, self.up_2d], lambda_2d),
+            ("net_3d", [self.net_3d, self.up_3d] if self.net_3d is not None else [], lambda_3d),
             ("predictors", predictors, lambda_pred),
         ]
         groups = []
