@@ -9,10 +9,13 @@ import json
 import pytest
 import torch
 import yaml
+from ignite.engine import Engine
 from monai.bundle import ConfigParser, load
 
 from bundle_cli import bundle_run
-from conftest import BUNDLE, REPO, SAMPLE_DATA, require_data
+from conftest import BUNDLE, CONFIG_NETWORK, REPO, SAMPLE_DATA, require_data
+from scripts.io import InputError
+from scripts.networks import HybridUNet2D3D
 
 RESULTS = json.loads((BUNDLE / "docs" / "results.json").read_text())
 
@@ -56,12 +59,30 @@ def test_first_inference_after_cloning_gives_the_model_cards_figures(tmp_path):
         assert f"{RESULTS['mean'][key]:.3f}" in card, f"model card lacks {key} {RESULTS['mean'][key]:.3f}"
 
 
-def test_finetune_variant_starts_from_the_shipped_weights():
+def _finetune_parser(**overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "variants/finetune.json")])
-    parser["bundle_root"] = str(BUNDLE)
+    parser.update({"bundle_root": str(BUNDLE), **overrides})
+    return parser
+
+
+def test_finetune_variant_starts_from_the_shipped_weights():
+    """MONAI's CheckpointLoader, enabled by the variant, loads the shipped weights when training starts."""
+    parser = _finetune_parser()
     network = parser.get_parsed_content("network")
     shipped = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     shipped = shipped.get("model", shipped)
+    assert not torch.equal(network.state_dict()["predictor_2d.weight"], shipped["predictor_2d.weight"])
+    parser.get_parsed_content("train#pretrained_loader")(Engine(lambda engine, batch: None))
     assert all(torch.equal(value.cpu(), shipped[key]) for key, value in network.state_dict().items())
     assert parser.get_parsed_content("ckpt_dir").endswith("runs/finetuned")  # the shipped file is not overwritten
+
+
+def test_finetune_from_weights_of_another_network_is_refused_in_the_preflight(tmp_path):
+    torch.save(HybridUNet2D3D(out_channels=7, features=8, **CONFIG_NETWORK).state_dict(), tmp_path / "w.pt")
+    parser = _finetune_parser(pretrained_checkpoint=str(tmp_path / "w.pt"), ckpt_dir=str(tmp_path / "models"))
+    with pytest.raises(RuntimeError) as failure:  # MONAI wraps what the component raises
+        parser.get_parsed_content("preflight")
+    assert isinstance(failure.value.__cause__, InputError)
+    assert f"checkpoint {tmp_path / 'w.pt'} does not fit this network" in str(failure.value.__cause__)
+    assert "(set --network_features 8)" in str(failure.value.__cause__)

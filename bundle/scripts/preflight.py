@@ -360,14 +360,18 @@ def check_training(
     output_dir: str,
     overwrite: bool = False,
     resume: bool = False,
+    network: torch.nn.Module | None = None,
+    handlers: Sequence[object] = (),
 ) -> None:
-    """Pre-flight of ``run training``: overrides, every volume, writable folders, no checkpoint replaced unasked."""
+    """Pre-flight of ``run training``: overrides, every volume, writable folders, no checkpoint replaced unasked,
+    and the starting weights of a fine-tuning run (a ``CheckpointLoader`` among ``handlers``) fit ``network``."""
     check_overrides()
     check_datalist_volumes(train_items, what="training")
     check_datalist_volumes(validation_items, what="validation")
     check_writable(ckpt_dir, "ckpt_dir")
     check_writable(output_dir, "output_dir")
     check_checkpoint_dir(ckpt_dir, overwrite=overwrite, resume=resume)
+    check_loaded_weights(network, handlers, "set --pretrained_checkpoint")
 
 
 def check_inference(
@@ -381,6 +385,12 @@ def check_inference(
     check_overrides()
     check_datalist_volumes(items, keys=("image",), what="testing")
     check_writable(output_dir, "output_dir")
+    check_loaded_weights(network, handlers, "set --ckpt_path")
+
+
+def check_loaded_weights(network: torch.nn.Module | None, handlers: Sequence[object], missing_hint: str) -> None:
+    """Every checkpoint that a ``CheckpointLoader`` among ``handlers`` (disabled ones are None) will load exists
+    and fits ``network``: an :class:`InputError` naming it and the differing setting otherwise."""
     for handler in handlers:
         if network is not None and isinstance(handler, CheckpointLoader):
-            check_weights_fit(network, read_checkpoint(handler.load_path, "set --ckpt_path"), str(handler.load_path))
+            check_weights_fit(network, read_checkpoint(handler.load_path, missing_hint), str(handler.load_path))
