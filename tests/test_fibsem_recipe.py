@@ -44,3 +44,17 @@ def test_variant_trains_and_infers(variant, dataset, tmp_path):
     seg = itk.GetArrayFromImage(itk.imread(str(tmp_path / seg_name)))
     assert seg.shape == seg_shape
     assert set(np.unique(seg)) <= set(classes)
+
+
+def test_augmentation_is_rot90_and_flips_of_image_label_and_weight():
+    """Meyer et al. augment by rot90 and flips only: train.json's list with its intensity and elastic terms off."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / f) for f in ["configs/train.json", "configs/variants/paper_recipe.json", *UNET]])
+    parser["bundle_root"] = str(BUNDLE)
+    active = [t for t in parser.get_parsed_content("augmentation") if t.prob > 0]  # even after the paper's recipe
+    assert sorted(type(t).__name__ for t in active) == ["RandFlipd"] * 3 + ["RandRotate90d"]
+    assert all(set(t.keys) == {"image", "label", "weight"} for t in active)

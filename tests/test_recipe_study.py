@@ -65,3 +65,25 @@ def test_every_arm_is_a_variant_file_and_data_set_files_come_before_it(monkeypat
     assert files == ["configs/variants/isbi2012.json", "configs/variants/study/isbi_native_4nm.json"]
     for arm in (recipe_study.BASELINE, "paper_recipe", "study/norm_batch"):
         assert (BUNDLE / recipe_study.variant_files(arm)[-1]).is_file()
+
+
+def test_the_baseline_arm_is_the_plain_monai_recipe_of_the_issue():
+    """2D UNet 16-32-64-128-256 (strides 2, 2 residual units, batch norm), DiceCELoss, 4 random 256 x 256 windows a
+    step with rot90 and flips only, Adam at a constant 1e-3, float32: what the arm file and train.json give."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import UNet
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "variants/monai_unet_baseline.json")])
+    parser["bundle_root"] = str(BUNDLE)
+    unet = parser.get_parsed_content("network_def").network
+    assert isinstance(unet, UNet) and list(unet.channels) == [16, 32, 64, 128, 256] and list(unet.strides) == [2] * 4
+    assert unet.num_res_units == 2 and unet.norm == "batch"
+    assert type(parser.get_parsed_content("loss")).__name__ == "DiceCELoss"
+    assert parser.get_parsed_content("window_sampler").__class__.__name__ == "RandSpatialCropSamplesd"
+    assert (parser["batch_size"], parser.get_parsed_content("train_window")) == (4, [256, 256, 1])
+    optimizer = parser.get_parsed_content("optimizer")
+    assert type(optimizer).__name__ == "Adam" and optimizer.defaults["lr"] == 1e-3
+    assert (parser["warmup_steps"], parser["lr_power"], parser["precision"]) == (0, 0.0, "float32")
+    active = {type(t).__name__ for t in parser.get_parsed_content("augmentation") if getattr(t, "prob", 1.0) > 0}
+    assert active == {"RandFlipd", "RandRotate90d"}
