@@ -3,9 +3,10 @@
 import itk
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 
 from bundle_cli import TINY, TRAINING_ONLY, bundle_run
-from conftest import SAMPLE_DATA, require_data
+from conftest import BUNDLE, SAMPLE_DATA, require_data
 
 UNET = ["configs/variants/fibsem_unet.json"]
 EFFICIENTNET = ["configs/variants/fibsem_unet.json", "configs/variants/fibsem_efficientnet.json"]
@@ -48,10 +49,6 @@ def test_variant_trains_and_infers(variant, dataset, tmp_path):
 
 def test_augmentation_is_rot90_and_flips_of_image_label_and_weight():
     """Meyer et al. augment by rot90 and flips only: train.json's list with its intensity and elastic terms off."""
-    from monai.bundle import ConfigParser
-
-    from conftest import BUNDLE
-
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / f) for f in ["configs/train.json", "configs/variants/paper_recipe.json", *UNET]])
     parser["bundle_root"] = str(BUNDLE)

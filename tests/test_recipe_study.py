@@ -5,6 +5,8 @@ import importlib.util
 import json
 
 import pytest
+from monai.bundle import ConfigParser
+from monai.networks.nets import UNet
 
 from conftest import BUNDLE, REPO
 
@@ -70,9 +72,6 @@ def test_every_arm_is_a_variant_file_and_data_set_files_come_before_it(monkeypat
 def test_the_baseline_arm_is_the_plain_monai_recipe_of_the_issue():
     """2D UNet 16-32-64-128-256 (strides 2, 2 residual units, batch norm), DiceCELoss, 4 random 256 x 256 windows a
     step with rot90 and flips only, Adam at a constant 1e-3, float32: what the arm file and train.json give."""
-    from monai.bundle import ConfigParser
-    from monai.networks.nets import UNet
-
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "variants/monai_unet_baseline.json")])
     parser["bundle_root"] = str(BUNDLE)
