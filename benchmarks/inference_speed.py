@@ -23,11 +23,16 @@ seconds, speed-up and validation MIoU of each; and the paper-size network's forw
 (296, 296, 24) window in both precisions (random weights: speed only). It ends with the throughput table of this
 machine: voxels/s, minutes per gigavoxel and the useful share of the float32 matrix-multiply peak of each.
 
+``--part profile``: where the shipped model's block-wise inference of the platelet slice spends its time, operator by
+operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
+path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3D call ``nn.Conv3d`` makes).
+
 FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
 them as JSON. Usage (from the repository root)::
 
     python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 448, 24]"] [--overlap 0.15]
     python benchmarks/inference_speed.py --part bf16
+    python benchmarks/inference_speed.py --part profile [--top 8]
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ import torch
 import zarr
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +65,7 @@ sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
+from scripts.layers import SectionConv3d  # noqa: E402
 from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 from scripts.volumes import ArrayVolume, open_volume  # noqa: E402
@@ -317,11 +325,52 @@ def _paper_size_bf16(window: tuple) -> dict:
     return {"window": list(window), "seconds": seconds, "speed_up": round(seconds["float32"] / seconds["bfloat16"], 2)}
 
 
+def profile(top: int = 8) -> dict:
+    network, parser = _shipped_model()
+    image, _ = _platelet_stack(1)
+    volume = ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0))
+    section_forward = SectionConv3d.forward
+    report = {}
+    for path, forward in (
+        ("3D convolutions", lambda self, x: self._conv_forward(x, self.weight, self.bias)),
+        ("as shipped", section_forward),
+    ):
+        SectionConv3d.forward = forward
+        try:
+            for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+                inference = BlockwiseInference(
+                    network, parser["infer_window"], 0.25, (800, 800, 1), fit_axes=(2,), bf16=use_bf16
+                )
+                inference.progress = False
+                out = REPO / "runs" / "inference_speed" / "profile.zarr"
+                _remove(out)
+                inference(volume, out)  # warm-up
+                _remove(out)
+                with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+                    seconds = _timed(lambda: inference(volume, out))[1]
+                events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+                total = sum(e.self_cpu_time_total for e in events)
+                rows = [
+                    {
+                        "operator": e.key,
+                        "calls": e.count,
+                        "self ms": round(e.self_cpu_time_total / 1e3, 1),
+                        "% of self time": round(100 * e.self_cpu_time_total / total, 1),
+                    }
+                    for e in events[:top]
+                ]
+                print(f"\n{path}, {name}: {seconds:.2f} s (under the profiler)\n" + markdown_table(rows))
+                report.setdefault(path, {})[name] = {"seconds": round(seconds, 2), "operators": rows}
+        finally:
+            SectionConv3d.forward = section_forward
+    return {"model": "models/model.pt (configs/inference.json network)", "window": parser["infer_window"], **report}
+
+
 def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     if not (DATA / "50-slice0-image.tif").exists():
         print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships in the repository's sample_data/)")
         return
-    parts = {"speed": speed, "bf16": bf16}
+    parts = {"speed": speed, "bf16": bf16, "profile": profile}
     if part not in parts:
         sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
     report = {"part": part, **parts[part](**kwargs)}

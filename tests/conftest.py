@@ -40,4 +40,4 @@ def require_data(*relative: str) -> list[Path]:
 
 #: the network options of configs/train.json and inference.json (beyond the paper's defaults of HybridUNet2D3D), for
 #: checkpoints that tests write and the configs load
-CONFIG_NETWORK = {"norm": "instance", "upsample": "interpolate"}
+CONFIG_NETWORK = {"norm": "instance", "upsample": "interpolate", "stem_stride": 2}

@@ -148,7 +148,7 @@ def check_weights_fit(network: torch.nn.Module, state: Mapping[str, torch.Tensor
         hints.append(
             f"the architecture: {len(unexpected)} layers only in the checkpoint (e.g. {unexpected[:1]}), "
             f"{len(missing)} only in this network (e.g. {missing[:1]}): use the variant file it was trained with "
-            "(paper_size.json, a baseline, --network_norm, --upsample)"
+            "(paper_size.json, a baseline, --network_norm, --upsample, --stem_stride)"
         )
     first = (
         f"{wrong[0]} is {tuple(state[wrong[0]].shape)} there, {tuple(expected[wrong[0]].shape)} here"
