@@ -376,7 +376,8 @@ def test_stem_stride_2_halves_the_working_grid_and_returns_full_resolution_logit
     assert any(p is net.stem.conv.weight for p in groups[0]["params"])
     net.eval()
     torch.testing.assert_close(torch.jit.script(net)(x), net(x))
-    with pytest.raises(ValueError, match="divisible by 16"):
+    reason = r"divisible by 16 \(2\*\*3 for the \(2, 2, 1\) max-pool steps times the stem's stride 2\)"
+    with pytest.raises(ValueError, match=reason):
         net(torch.randn(1, 1, 24, 32, 1))
 
 

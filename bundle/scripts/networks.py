@@ -291,6 +291,7 @@ class HybridUNet2D3D(nn.Module):
         pool_steps = max(num_scales, len(pyramid_convs) - 1 if pyramid else 0)
         self.spatial_divisor: int = 2**pool_steps * stem_stride
         self.pool_steps: int = pool_steps
+        self._stem_reason: str = f" times the stem's stride {stem_stride}" if stem_stride > 1 else ""
 
         # stride 1: Identity modules without parameters, so the paper network's checkpoints are unchanged
         stem_factor = (stem_stride, stem_stride, 1)
@@ -339,8 +340,9 @@ class HybridUNet2D3D(nn.Module):
             if sx % d != 0 or sy % d != 0:
                 raise ValueError(
                     f"HybridUNet2D3D: input spatial shape (X, Y, Z) = ({sx}, {sy}, {sz}) is invalid: X and Y must be "
-                    f"divisible by {d} (2**{self.pool_steps} for the (2, 2, 1) max-pool steps); crop or pad X and Y "
-                    f"to a multiple of {d}, e.g. ({sx // d * d}, {sy // d * d}, {sz}). Z (sections, last) is free."
+                    f"divisible by {d} (2**{self.pool_steps} for the (2, 2, 1) max-pool steps{self._stem_reason}); "
+                    f"crop or pad X and Y to a multiple of {d}, e.g. ({sx // d * d}, {sy // d * d}, {sz}). "
+                    "Z (sections, last) is free."
                 )
         features = self.net_2d(self.stem(x))
         logits_2d = self.predictor_2d(features)
