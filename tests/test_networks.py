@@ -385,3 +385,19 @@ def test_stem_stride_1_keeps_the_paper_network_and_its_checkpoints(default_net):
     assert not any(key.startswith(("stem.", "up_2d.", "up_3d.")) for key in default_net.state_dict())
     with pytest.raises(ValueError, match="stem_stride"):
         HybridUNet2D3D(stem_stride=4)
+
+
+@pytest.mark.parametrize("pyramid", [True, False])
+def test_stem_skip_refines_both_heads_from_full_resolution_image_features(pyramid):
+    net = small(stem_stride=2, stem_skip=True, pyramid=pyramid, out_channels=3, norm="instance", upsample="interpolate")
+    x = torch.randn(2, 1, 32, 48, 3)
+    out = net(x)
+    assert out.shape == ((2, 2, 3, 32, 48, 3) if pyramid else (2, 3, 32, 48, 3))
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())  # the skip reaches the loss through each head
+    assert (net.refine_3d is not None) == pyramid
+    net.l2_parameter_groups()  # raises unless every parameter is in exactly one group
+    net.eval()
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+    plain = small(stem_stride=2, out_channels=3, norm="instance", upsample="interpolate")
+    assert not any(key.startswith(("skip.", "refine_")) for key in plain.state_dict())

@@ -216,6 +216,14 @@ class _SpatialPyramid3D(nn.Module):
         return out
 
 
+def _logit_refinement(classes: int, skip_channels: int, norm: Optional[str]) -> nn.Sequential:
+    """(3, 3, 1) convolution of up-sampled logits and full-resolution image features, then 1x1x1 back to logits."""
+    return nn.Sequential(
+        conv_block(classes + skip_channels, skip_channels, _KERNEL_2D, norm),
+        SectionConv3d(skip_channels, classes, kernel_size=1, bias=True),
+    )
+
+
 class HybridUNet2D3D(nn.Module):
     """2D-3D+3x3x3 network (Guay et al. 2020): 2D encoder-decoder + 2D predictor + 3D spatial pyramid + 3D predictor.
 
@@ -245,6 +253,10 @@ class HybridUNet2D3D(nn.Module):
             feeds the network, which then runs on a grid halved in x and y, and each head's logits are up-sampled
             back (``upsample``). The plain MONAI UNet's first layer is strided the same way: it quarters the work,
             most of which the full-resolution blocks do, and doubles each block's field of view.
+        stem_skip: with ``stem_stride`` 2, a U-Net-style skip over the stem: a (3, 3, 1) convolution of the image
+            (``features // 2`` kernels, full resolution) and, per head, a (3, 3, 1) convolution of the up-sampled
+            logits and those features and a 1x1x1 one back to the classes, added to the up-sampled logits, so that
+            boundaries are placed on the input's grid. About 1,200 multiply-adds per voxel and head.
     """
 
     def __init__(
@@ -262,6 +274,7 @@ class HybridUNet2D3D(nn.Module):
         norm: Optional[str] = None,
         upsample: str = "transposed",
         stem_stride: int = 1,
+        stem_skip: bool = False,
     ) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
@@ -321,6 +334,16 @@ class HybridUNet2D3D(nn.Module):
             self.predictor_3d = SectionConv3d(self.net_3d.out_channels, out_channels, kernel_size=1, bias=True)
             if stem_stride > 1:
                 self.up_3d = upsampling(out_channels, out_channels, stem_factor, upsample)
+        # plain None attributes without the skip, as net_3d: the stem-only networks' checkpoints are unchanged
+        self.skip = None
+        self.refine_2d = None
+        self.refine_3d = None
+        if stem_stride > 1 and stem_skip:
+            skip_channels = max(features // 2, 1)
+            self.skip = conv_block(in_channels, skip_channels, _KERNEL_2D, norm)
+            self.refine_2d = _logit_refinement(out_channels, skip_channels, norm)
+            if self.pyramid:
+                self.refine_3d = _logit_refinement(out_channels, skip_channels, norm)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -344,15 +367,28 @@ class HybridUNet2D3D(nn.Module):
                     f"crop or pad X and Y to a multiple of {d}, e.g. ({sx // d * d}, {sy // d * d}, {sz}). "
                     "Z (sections, last) is free."
                 )
+        skip_conv = self.skip
+        skip = skip_conv(x) if skip_conv is not None else None
         features = self.net_2d(self.stem(x))
         logits_2d = self.predictor_2d(features)
         net_3d = self.net_3d
         predictor_3d = self.predictor_3d
-        if net_3d is None or predictor_3d is None:
-            return self.up_2d(logits_2d)
+        refine_2d = self.refine_2d
+        if net_3d is None or predictor_3d is None or (self.training and self.deep_supervision):
+            # the 2D head on the input grid: the output, or the second head of the multi-loss
+            full_2d = self.up_2d(logits_2d)
+            if refine_2d is not None and skip is not None:
+                full_2d = full_2d + refine_2d(torch.cat([full_2d, skip], dim=1))
+            if net_3d is None or predictor_3d is None:
+                return full_2d
+        else:
+            full_2d = logits_2d
         logits_3d = self.up_3d(predictor_3d(net_3d(torch.cat([logits_2d, features], dim=1))))
+        refine_3d = self.refine_3d
+        if refine_3d is not None and skip is not None:
+            logits_3d = logits_3d + refine_3d(torch.cat([logits_3d, skip], dim=1))
         if self.training and self.deep_supervision:
-            return torch.stack([logits_3d, self.up_2d(logits_2d)], dim=1)
+            return torch.stack([logits_3d, full_2d], dim=1)
         return logits_3d
 
     def l2_parameter_groups(
@@ -376,8 +412,12 @@ class HybridUNet2D3D(nn.Module):
         """
         predictors = [self.predictor_2d] + ([self.predictor_3d] if self.predictor_3d is not None else [])
         spec = [
-            ("net_2d", [self.stem, self.net_2d, self.up_2d], lambda_2d),
-            ("net_3d", [self.net_3d, self.up_3d] if self.net_3d is not None else [], lambda_3d),
+            (
+                "net_2d",
+                [m for m in (self.stem, self.skip, self.net_2d, self.up_2d, self.refine_2d) if m is not None],
+                lambda_2d,
+            ),
+            ("net_3d", [m for m in (self.net_3d, self.up_3d, self.refine_3d) if m is not None], lambda_3d),
             ("predictors", predictors, lambda_pred),
         ]
         groups = []
