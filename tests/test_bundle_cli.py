@@ -232,4 +232,4 @@ def test_default_network_is_the_shipped_width_and_paper_size_json_the_papers(con
         parser.read_config([str(BUNDLE / "configs" / f) for f in (config, *variants)])
         parser["bundle_root"] = str(BUNDLE)
         counts.append(sum(p.numel() for p in parser.get_parsed_content("network_def").parameters()))
-    assert counts == [700_238, 10_267_022]
+    assert counts == [704_566, 10_267_022]
