@@ -162,12 +162,12 @@ def test_nifti_in_nifti_out_same_affine(platelet_run, tmp_path):
 
 @pytest.mark.slow
 def test_isbi_stack_trains_resamples_and_keeps_geometry(tmp_path):
-    """ISBI voxels (4 x 4 x 50 nm) resampled to 8 x 8 x 50 nm for the network go back onto the input grid."""
+    """ISBI voxels (4 x 4 x 50 nm) resampled to 5 x 5 x 50 nm for the network go back onto the input grid."""
     require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     common = {"dataset_dir": str(SAMPLE_DATA), "output_dir": str(tmp_path / "eval")}
-    small = {**SMALL, "network_def#features": 8, "train_window": [96, 96, 3], "val_window": [128, 128, 5]}
-    grid = {"target_spacing": [8.0, 8.0, 50.0]}  # not the variant's native grid: this test is about resampling
-    bundle_run("training", ISBI, {**small, **common, **grid, "ckpt_dir": str(tmp_path / "models"), "max_epochs": 8})
+    small = {**SMALL, "network_def#features": 8, "train_window": [128, 128, 3], "val_window": [128, 128, 5]}
+    grid = {"target_spacing": [5.0, 5.0, 50.0]}  # not the native grid: this test is about resampling
+    bundle_run("training", ISBI, {**small, **common, **grid, "ckpt_dir": str(tmp_path / "models"), "max_epochs": 12})
     bundle_run(
         "inference",
         ["configs/inference.json", "configs/variants/isbi2012.json"],

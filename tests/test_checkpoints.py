@@ -120,7 +120,7 @@ def test_checkpoint_of_another_width_names_the_setting(tmp_path):
     torch.save({"model": HybridUNet2D3D(out_channels=7, features=8, **CONFIG_NETWORK).state_dict()}, tmp_path / "m.pt")
     with pytest.raises(
         InputError,
-        match=r"m\.pt does not fit this network .*network_features: its first layer has 4 filters, this network 8 "
+        match=r"m\.pt does not fit this network .*network_features: its first layer has 8 filters, this network 16 "
         r"\(set --network_features 8\)",
     ):
         load_weights(HybridUNet2D3D(out_channels=7, features=16, **CONFIG_NETWORK), tmp_path / "m.pt")
