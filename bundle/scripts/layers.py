@@ -1,5 +1,6 @@
-"""Building blocks of the hybrid network: a 3D convolution that runs as 2D where that gives the same result, and
-the convolution, normalisation and up-sampling choices of ``scripts.networks.HybridUNet2D3D``."""
+"""Building blocks of the hybrid network: a 3D convolution that runs as 2D where that gives the same result, the
+convolution, normalisation and up-sampling choices of ``scripts.networks.HybridUNet2D3D``, and its 3D spatial
+pyramid."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-__all__ = ["SectionConv3d", "conv_block", "norm_spec", "upsampling"]
+__all__ = ["SectionConv3d", "SpatialPyramid3D", "conv_block", "norm_spec", "upsampling"]
+
+_KERNEL_3D = (3, 3, 3)
 
 
 class SectionConv3d(nn.Conv3d):
@@ -94,3 +97,68 @@ def upsampling(in_channels: int, out_channels: int, factor: Sequence[int], mode:
             SectionConv3d(in_channels, out_channels, kernel_size=(3, 3, 1), padding=(1, 1, 0), bias=True),
         )
     raise ValueError(f"upsample must be 'transposed' or 'interpolate', got {mode!r}")
+
+
+class _PyramidLevel(nn.Module):
+    """One spatial-pyramid level: xy max-pool by ``2**level``, 3x3x3 conv block, width matching, up-sampling."""
+
+    def __init__(
+        self,
+        level: int,
+        in_channels: int,
+        features: int,
+        num_convs: int,
+        out_channels: int,
+        norm: Optional[str] = None,
+        upsample: str = "transposed",
+    ) -> None:
+        super().__init__()
+        factor = (2**level, 2**level, 1)
+        self.pool: nn.Module = nn.MaxPool3d(kernel_size=factor, stride=factor) if level > 0 else nn.Identity()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(num_convs):
+            layers.append(conv_block(channels, features, _KERNEL_3D, norm))
+            channels = features
+        self.block = nn.Sequential(*layers)
+        if level > 0:
+            # authors' "path end" 1x1x1 conv (with the block activation) then the up-sampling edge
+            self.proj: nn.Module = conv_block(features, out_channels, (1, 1, 1), norm)
+            self.up: nn.Module = upsampling(out_channels, out_channels, factor, upsample)
+        else:
+            if features != out_channels:
+                raise ValueError(f"pyramid level 0 width {features} must equal the pyramid output {out_channels}")
+            self.proj = nn.Identity()
+            self.up = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.proj(self.block(self.pool(x))))
+
+
+class SpatialPyramid3D(nn.Module):
+    """3D convolutional spatial pyramid; the levels' outputs are summed at full resolution (residual)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        features: Sequence[int],
+        convs: Sequence[int],
+        norm: Optional[str] = None,
+        upsample: str = "transposed",
+    ) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(
+            [
+                _PyramidLevel(i, in_channels, f, n, features[0], norm, upsample)
+                for i, (f, n) in enumerate(zip(features, convs))
+            ]
+        )
+        self.out_channels = features[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: Optional[torch.Tensor] = None
+        for level in self.levels:
+            y = level(x)
+            out = y if out is None else out + y
+        assert out is not None
+        return out

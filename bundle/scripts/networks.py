@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from scripts.layers import SectionConv3d, conv_block, upsampling
+from scripts.layers import SectionConv3d, SpatialPyramid3D, conv_block, upsampling
 
 __all__ = ["HybridUNet2D3D"]
 
@@ -149,71 +149,6 @@ class _EncoderDecoder2D(nn.Module):
         for i, stage in enumerate(self.decoder):
             x = stage(x, skips[n - 1 - i])
         return x
-
-
-class _PyramidLevel(nn.Module):
-    """One spatial-pyramid level: xy max-pool by ``2**level``, 3x3x3 conv block, width matching, up-sampling."""
-
-    def __init__(
-        self,
-        level: int,
-        in_channels: int,
-        features: int,
-        num_convs: int,
-        out_channels: int,
-        norm: Optional[str] = None,
-        upsample: str = "transposed",
-    ) -> None:
-        super().__init__()
-        factor = (2**level, 2**level, 1)
-        self.pool: nn.Module = nn.MaxPool3d(kernel_size=factor, stride=factor) if level > 0 else nn.Identity()
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for _ in range(num_convs):
-            layers.append(conv_block(channels, features, _KERNEL_3D, norm))
-            channels = features
-        self.block = nn.Sequential(*layers)
-        if level > 0:
-            # authors' "path end" 1x1x1 conv (with the block activation) then the up-sampling edge
-            self.proj: nn.Module = conv_block(features, out_channels, (1, 1, 1), norm)
-            self.up: nn.Module = upsampling(out_channels, out_channels, factor, upsample)
-        else:
-            if features != out_channels:
-                raise ValueError(f"pyramid level 0 width {features} must equal the pyramid output {out_channels}")
-            self.proj = nn.Identity()
-            self.up = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.proj(self.block(self.pool(x))))
-
-
-class _SpatialPyramid3D(nn.Module):
-    """3D convolutional spatial pyramid; the levels' outputs are summed at full resolution (residual)."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        features: Sequence[int],
-        convs: Sequence[int],
-        norm: Optional[str] = None,
-        upsample: str = "transposed",
-    ) -> None:
-        super().__init__()
-        self.levels = nn.ModuleList(
-            [
-                _PyramidLevel(i, in_channels, f, n, features[0], norm, upsample)
-                for i, (f, n) in enumerate(zip(features, convs))
-            ]
-        )
-        self.out_channels = features[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: Optional[torch.Tensor] = None
-        for level in self.levels:
-            y = level(x)
-            out = y if out is None else out + y
-        assert out is not None
-        return out
 
 
 def _logit_refinement(classes: int, skip_channels: int, norm: Optional[str]) -> nn.Sequential:
@@ -328,7 +263,7 @@ class HybridUNet2D3D(nn.Module):
         self.net_3d = None
         self.predictor_3d = None
         if self.pyramid:
-            self.net_3d = _SpatialPyramid3D(
+            self.net_3d = SpatialPyramid3D(
                 out_channels + self.net_2d.out_channels, pyramid_features, pyramid_convs, norm, upsample
             )
             self.predictor_3d = SectionConv3d(self.net_3d.out_channels, out_channels, kernel_size=1, bias=True)
