@@ -73,7 +73,7 @@ def test_finetune_variant_starts_from_the_shipped_weights():
     shipped = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     shipped = shipped.get("model", shipped)
     assert not torch.equal(network.state_dict()["predictor_2d.weight"], shipped["predictor_2d.weight"])
-    parser.get_parsed_content("train#pretrained_loader")(Engine(lambda engine, batch: None))
+    parser.get_parsed_content("train#handlers#0")(Engine(lambda engine, batch: None))
     assert all(torch.equal(value.cpu(), shipped[key]) for key, value in network.state_dict().items())
     assert parser.get_parsed_content("ckpt_dir").endswith("runs/finetuned")  # the shipped file is not overwritten
 

@@ -171,7 +171,7 @@ def test_three_class_task_drives_network_metadata_and_evaluation(tmp_path):
     assert train.get_parsed_content("organelle_classes") == [2]
     network = train.get_parsed_content("network_def").eval()
     with torch.no_grad():
-        assert network(torch.randn(1, 1, 16, 16, 1)).shape == (1, 3, 16, 16, 1)
+        assert network(torch.randn(1, 1, 32, 32, 1)).shape == (1, 3, 32, 32, 1)
     infer = _parser(["inference.json", "variants/task.json"], task_file)
     assert infer.get_parsed_content("network_def#out_channels") == 3
 
