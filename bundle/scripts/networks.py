@@ -308,23 +308,23 @@ class HybridUNet2D3D(nn.Module):
         logits_2d = self.predictor_2d(features)
         net_3d = self.net_3d
         predictor_3d = self.predictor_3d
-        refine_2d = self.refine_2d
-        if net_3d is None or predictor_3d is None or (self.training and self.deep_supervision):
-            # the 2D head on the input grid: the output, or the second head of the multi-loss
-            full_2d = self.up_2d(logits_2d)
-            if refine_2d is not None and skip is not None:
-                full_2d = full_2d + refine_2d(torch.cat([full_2d, skip], dim=1))
-            if net_3d is None or predictor_3d is None:
-                return full_2d
-        else:
-            full_2d = logits_2d
+        if net_3d is None or predictor_3d is None:
+            return self._on_input_grid_2d(logits_2d, skip)
         logits_3d = self.up_3d(predictor_3d(net_3d(torch.cat([logits_2d, features], dim=1))))
         refine_3d = self.refine_3d
         if refine_3d is not None and skip is not None:
             logits_3d = logits_3d + refine_3d(torch.cat([logits_3d, skip], dim=1))
         if self.training and self.deep_supervision:
-            return torch.stack([logits_3d, full_2d], dim=1)
+            return torch.stack([logits_3d, self._on_input_grid_2d(logits_2d, skip)], dim=1)
         return logits_3d
+
+    def _on_input_grid_2d(self, logits_2d: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        """The 2D head's logits up-sampled from the stem's grid (identity without a stem), refined by the skip."""
+        full = self.up_2d(logits_2d)
+        refine_2d = self.refine_2d
+        if refine_2d is not None and skip is not None:
+            full = full + refine_2d(torch.cat([full, skip], dim=1))
+        return full
 
     def l2_parameter_groups(
         self, lambda_2d: float = 10**-4.7, lambda_3d: float = 1e-5, lambda_pred: float = 1e-9
