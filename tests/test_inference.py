@@ -1,7 +1,7 @@
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer
+from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, class_indices
 
 
 def test_centre_window_inferer_keeps_only_window_centres():
@@ -50,3 +50,11 @@ def test_fitted_window_shrinks_to_a_single_section_instead_of_padding():
     with_x = FittedSlidingWindowInferer((64, 32, 5), fit_axes=[0, 2])
     depths.clear()
     assert with_x(section, predictor).shape == section.shape and set(depths) == {1}
+
+
+def test_class_indices_is_argmax_with_its_first_maximum_on_ties():
+    torch.manual_seed(0)
+    logits = torch.randint(0, 3, (5, 40, 30, 2)).float()  # few distinct values: many ties
+    for dim in range(logits.ndim):
+        assert torch.equal(class_indices(logits, dim), logits.argmax(dim))
+    assert class_indices(torch.tensor([[1.0, 2.0], [1.0, 2.0]])).tolist() == [0, 0]

@@ -16,8 +16,7 @@ A block is finished once its chunks are written and its completion marker (a fil
 scratch; a restart with other settings (input, network weights, window, overlap, block size...) is refused.
 
 Unlike ``configs/inference.json``, which resamples every volume to ``target_spacing``, this path runs on the input's
-own grid: a volume whose spacing differs from ``target_spacing`` by more than 1 % is refused (resample it first, or
-set ``target_spacing`` to its spacing when the network suits it).
+own grid: a spacing more than 1 % off ``target_spacing`` is refused (resample first, or set ``target_spacing`` to it).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
+from scripts.inference import class_indices
 from scripts.label_volumes import ZarrLabelWriter
 from scripts.volumes import Box, Volume
 
@@ -377,7 +377,7 @@ class BlockwiseInference:
             uncertainty = None
             if self.save_uncertainty:
                 uncertainty = torch.special.entr(torch.softmax(logits, dim=0)).sum(0).cpu().numpy()
-            writer.write(box, logits.argmax(0).to(torch.uint8).cpu().numpy(), uncertainty)
+            writer.write(box, class_indices(logits).to(torch.uint8).cpu().numpy(), uncertainty)
             markers.mark_done(box)
         barrier()  # every rank's blocks are in before anyone reads the result
         return BlockwiseResult(output, computed=len(pending), skipped=len(blocks) - len(pending))

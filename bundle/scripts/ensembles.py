@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from scripts.inference import class_indices
 from scripts.io import load_weights
 
 
@@ -36,7 +37,7 @@ class EnsembleNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probabilities = torch.stack([torch.softmax(net(x).float(), dim=1) for net in self.networks])
         if self.mode == "vote":
-            votes = probabilities.argmax(2)
+            votes = class_indices(probabilities, 2)
             classes = probabilities.shape[2]
             probabilities = nn.functional.one_hot(votes, classes).movedim(-1, 2).float()
         return torch.log(probabilities.mean(0).clamp_min(1e-12))
