@@ -346,6 +346,26 @@ def test_single_section_fast_path_equals_the_3d_convolutions(monkeypatch):
     torch.testing.assert_close(fast, net(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("factor", [(2, 2, 1), (4, 4, 1), (2, 3, 2)])
+def test_inference_pooling_and_up_sampling_equal_the_library_modules(factor):
+    """The eval-mode strided-maxima pooling and broadcast up-sampling give PyTorch's values and gradients."""
+    from scripts.layers import NearestUpsample3d, StridedMaxPool3d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 13, 14, 5)  # sizes that leave trailing voxels in no pooling window
+    reference_pool = nn.MaxPool3d(factor, factor)
+    reference_up = nn.Upsample(scale_factor=tuple(float(f) for f in factor), mode="nearest")
+    pool, up = StridedMaxPool3d(factor).eval(), NearestUpsample3d(factor).eval()
+    assert torch.equal(pool(x), reference_pool(x))
+    assert torch.equal(up(x), reference_up(x))
+    assert torch.equal(torch.jit.script(pool)(x.to(torch.bfloat16)), reference_pool(x.to(torch.bfloat16)))
+    trained = x.clone().requires_grad_()
+    pool(trained).sum().backward()
+    expected = x.clone().requires_grad_()
+    reference_pool(expected).sum().backward()
+    assert torch.equal(trained.grad, expected.grad)
+
+
 @pytest.mark.parametrize("upsample,periodic", [("transposed", True), ("interpolate", False)])
 def test_transposed_up_sampling_prints_a_grid_on_a_flat_image(upsample, periodic):
     """The dotted grid of the old default: on a flat image a kernel = stride = 2 transposed convolution gives each

@@ -12,7 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-__all__ = ["SectionConv3d", "SpatialPyramid3D", "conv_block", "norm_spec", "upsampling"]
+__all__ = [
+    "NearestUpsample3d",
+    "SectionConv3d",
+    "SpatialPyramid3D",
+    "StridedMaxPool3d",
+    "conv_block",
+    "norm_spec",
+    "upsampling",
+]
 
 _KERNEL_3D = (3, 3, 3)
 
@@ -47,6 +55,59 @@ class SectionConv3d(nn.Conv3d):
             )
             return out.unsqueeze(-1)
         return self._conv_forward(input, self.weight, self.bias)
+
+
+class StridedMaxPool3d(nn.Module):
+    """``nn.MaxPool3d(factor, factor)`` that runs in eval mode as the maximum of the input's ``factor`` strided views.
+
+    The same values either way. PyTorch's CPU ``max_pool3d`` on channel-first tensors took 4.1 ms where the strided
+    maxima take 0.5 ms, on a (4, 23, 128, 128, 1) float32 window (2 threads): 15 % of the shipped model's bf16
+    block-wise inference. In training mode the library kernel stays: its backward is the faster one (the strided
+    form made a training step 15 % slower).
+
+    Args:
+        factor: pooling factor per spatial axis, e.g. ``(2, 2, 1)``.
+    """
+
+    def __init__(self, factor: Sequence[int]) -> None:
+        super().__init__()
+        self.factor = [int(f) for f in factor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.max_pool3d(x, self.factor, self.factor)
+        fx, fy, fz = self.factor
+        sx, sy, sz = x.shape[2] // fx * fx, x.shape[3] // fy * fy, x.shape[4] // fz * fz
+        out = x[:, :, 0:sx:fx, 0:sy:fy, 0:sz:fz]
+        for i in range(fx):
+            for j in range(fy):
+                for k in range(fz):
+                    if i + j + k > 0:
+                        out = torch.maximum(out, x[:, :, i:sx:fx, j:sy:fy, k:sz:fz])
+        return out
+
+
+class NearestUpsample3d(nn.Module):
+    """``nn.Upsample(scale_factor=factor, mode="nearest")`` for integer factors, whose inference runs as a broadcast
+    copy in eval mode: the same values at about half the CPU time of ``upsample_nearest3d`` on channel-first
+    tensors. In training mode the library kernel stays, for its faster backward.
+
+    Args:
+        factor: up-sampling factor per spatial axis, e.g. ``(2, 2, 1)``.
+    """
+
+    def __init__(self, factor: Sequence[int]) -> None:
+        super().__init__()
+        self.factor = [int(f) for f in factor]
+        self.scale = [float(f) for f in factor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        b, c, sx, sy, sz = x.shape
+        fx, fy, fz = self.factor
+        grid = x[:, :, :, None, :, None, :, None].expand(b, c, sx, fx, sy, fy, sz, fz)
+        return grid.reshape(b, c, sx * fx, sy * fy, sz * fz)
 
 
 def conv_block(
@@ -93,7 +154,7 @@ def upsampling(in_channels: int, out_channels: int, factor: Sequence[int], mode:
         return nn.ConvTranspose3d(in_channels, out_channels, kernel_size=factor, stride=factor, bias=True)
     if mode == "interpolate":
         return nn.Sequential(
-            nn.Upsample(scale_factor=tuple(float(f) for f in factor), mode="nearest"),
+            NearestUpsample3d(factor),
             SectionConv3d(in_channels, out_channels, kernel_size=(3, 3, 1), padding=(1, 1, 0), bias=True),
         )
     raise ValueError(f"upsample must be 'transposed' or 'interpolate', got {mode!r}")
@@ -114,7 +175,7 @@ class _PyramidLevel(nn.Module):
     ) -> None:
         super().__init__()
         factor = (2**level, 2**level, 1)
-        self.pool: nn.Module = nn.MaxPool3d(kernel_size=factor, stride=factor) if level > 0 else nn.Identity()
+        self.pool: nn.Module = StridedMaxPool3d(factor) if level > 0 else nn.Identity()
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(num_convs):

@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from scripts.layers import SectionConv3d, SpatialPyramid3D, conv_block, upsampling
+from scripts.layers import SectionConv3d, SpatialPyramid3D, StridedMaxPool3d, conv_block, upsampling
 
 __all__ = ["HybridUNet2D3D"]
 
@@ -116,7 +116,7 @@ class _EncoderDecoder2D(nn.Module):
         def extra(scale: int) -> Optional[Sequence[int]]:
             return extra_kernel if scale < _EXTRA_CONV_MAX_SCALE else None
 
-        self.pool = nn.MaxPool3d(kernel_size=_POOL_2D, stride=_POOL_2D)  # stateless: one instance is enough
+        self.pool = StridedMaxPool3d(_POOL_2D)  # stateless: one instance is enough
         encoder = []
         channels = in_channels
         for scale in range(num_scales):
