@@ -27,12 +27,17 @@ machine: voxels/s, minutes per gigavoxel and the useful share of the float32 mat
 operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
 path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3D call ``nn.Conv3d`` makes).
 
+``--part compile``: the shipped model's forward on a batch of its inference windows (as block-wise inference
+batches them), eager against ``torch.compile`` (inductor), float32 and bfloat16 autocast: compile seconds,
+milliseconds per batch and the speed-up.
+
 FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
 them as JSON. Usage (from the repository root)::
 
     python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 448, 24]"] [--overlap 0.15]
     python benchmarks/inference_speed.py --part bf16
     python benchmarks/inference_speed.py --part profile [--top 8]
+    python benchmarks/inference_speed.py --part compile [--repeats 10]
 """
 
 from __future__ import annotations
@@ -379,11 +384,37 @@ def profile(top: int = 8) -> dict:
     return {"model": "models/model.pt (configs/inference.json network)", "window": parser["infer_window"], **report}
 
 
+def compile_trial(repeats: int = 10) -> dict:
+    network, parser = _shipped_model()
+    batch = torch.randn(parser.get_parsed_content("sw_batch_size"), 1, *parser["infer_window"])
+    compiled = torch.compile(network)
+    rows = []
+    with torch.inference_mode():
+        for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                _, compile_seconds = _timed(lambda: compiled(batch))  # the first call compiles
+                timings = {}
+                for label, forward in (("eager", network), ("compiled", compiled)):
+                    forward(batch)
+                    timings[label] = min(_timed(lambda: forward(batch))[1] for _ in range(repeats))
+            rows.append(
+                {
+                    "precision": name,
+                    "compile s": round(compile_seconds, 1),
+                    "eager ms": round(1e3 * timings["eager"], 1),
+                    "compiled ms": round(1e3 * timings["compiled"], 1),
+                    "speed-up": round(timings["eager"] / timings["compiled"], 2),
+                }
+            )
+    print("\n" + markdown_table(rows) + "\n")
+    return {"model": "models/model.pt (configs/inference.json network)", "batch": list(batch.shape), "rows": rows}
+
+
 def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     if not (DATA / "50-slice0-image.tif").exists():
         print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships in the repository's sample_data/)")
         return
-    parts = {"speed": speed, "bf16": bf16, "profile": profile}
+    parts = {"speed": speed, "bf16": bf16, "profile": profile, "compile": compile_trial}
     if part not in parts:
         sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
     report = {"part": part, **parts[part](**kwargs)}
