@@ -1,4 +1,4 @@
-"""Sliding-window inference variants for large volumes."""
+"""Sliding-window inference variants for large volumes, and the class of each voxel from their logits."""
 
 from __future__ import annotations
 
