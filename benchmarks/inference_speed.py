@@ -31,6 +31,11 @@ path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3
 batches them), eager against ``torch.compile`` (inductor), float32 and bfloat16 autocast: compile seconds,
 milliseconds per batch and the speed-up.
 
+``--part operators``: the three operators the bundle replaces in inference, each against its library form on the
+shapes where the profile found them: ``argmax`` over the classes of 5 x 800 x 800 logits against
+``scripts.inference.class_indices``, ``max_pool3d`` against ``StridedMaxPool3d`` and ``upsample_nearest3d`` against
+``NearestUpsample3d`` (eval mode), float32 and bfloat16: milliseconds and ratio.
+
 FLOPs come from ``torch.utils.flop_counter`` on one window (multiply-add = 2 FLOPs). Prints the figures and writes
 them as JSON. Usage (from the repository root)::
 
@@ -38,6 +43,7 @@ them as JSON. Usage (from the repository root)::
     python benchmarks/inference_speed.py --part bf16
     python benchmarks/inference_speed.py --part profile [--top 8]
     python benchmarks/inference_speed.py --part compile [--repeats 10]
+    python benchmarks/inference_speed.py --part operators [--repeats 30]
 """
 
 from __future__ import annotations
@@ -68,9 +74,10 @@ from train_step import matmul_gflops  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference, to_channels_last_3d  # noqa: E402
+from scripts.inference import class_indices  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
-from scripts.layers import SectionConv3d  # noqa: E402
+from scripts.layers import NearestUpsample3d, SectionConv3d, StridedMaxPool3d  # noqa: E402
 from scripts.metrics import confusion_matrix, mean_iou  # noqa: E402
 from scripts.networks import HybridUNet2D3D  # noqa: E402
 from scripts.volumes import ArrayVolume, open_volume  # noqa: E402
@@ -410,11 +417,48 @@ def compile_trial(repeats: int = 10) -> dict:
     return {"model": "models/model.pt (configs/inference.json network)", "batch": list(batch.shape), "rows": rows}
 
 
+def operators(repeats: int = 30) -> dict:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        logits = torch.randn(5, 800, 800, 1, dtype=dtype)
+        pooled = torch.randn(4, 23, 128, 128, 1, dtype=dtype)
+        coarse = torch.randn(4, 32, 64, 64, 1, dtype=dtype)
+        pool, up = StridedMaxPool3d((2, 2, 1)).eval(), NearestUpsample3d((2, 2, 1)).eval()
+        pairs = {
+            "class indices of (5, 800, 800, 1) logits": (lambda: logits.argmax(0), lambda: class_indices(logits)),
+            "(2, 2, 1) max-pooling of (4, 23, 128, 128, 1)": (
+                lambda: torch.nn.functional.max_pool3d(pooled, (2, 2, 1)),
+                lambda: pool(pooled),
+            ),
+            "(2, 2, 1) nearest up-sampling of (4, 32, 64, 64, 1)": (
+                lambda: torch.nn.functional.interpolate(coarse, scale_factor=(2.0, 2.0, 1.0), mode="nearest"),
+                lambda: up(coarse),
+            ),
+        }
+        with torch.inference_mode():
+            for what, (library, bundle) in pairs.items():
+                if not torch.equal(library(), bundle()):
+                    raise AssertionError(f"{what}: the bundle's operator differs from the library's")
+                times = [min(_timed(f)[1] for _ in range(repeats)) for f in (library, bundle)]
+                rows.append(
+                    {
+                        "operator": what,
+                        "precision": str(dtype).replace("torch.", ""),
+                        "library ms": round(1e3 * times[0], 3),
+                        "bundle ms": round(1e3 * times[1], 3),
+                        "library / bundle": round(times[0] / times[1], 2),
+                    }
+                )
+    print("\n" + markdown_table(rows) + "\n")
+    return {"threads": torch.get_num_threads(), "rows": rows}
+
+
 def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     if not (DATA / "50-slice0-image.tif").exists():
         print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships in the repository's sample_data/)")
         return
-    parts = {"speed": speed, "bf16": bf16, "profile": profile, "compile": compile_trial}
+    parts = {"speed": speed, "bf16": bf16, "profile": profile, "compile": compile_trial, "operators": operators}
     if part not in parts:
         sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
     report = {"part": part, **parts[part](**kwargs)}

@@ -13,8 +13,8 @@ def class_indices(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The index of the largest value along ``dim`` (the class of each voxel), as ``torch.argmax`` (first maximum).
 
     ``max(dim).indices`` is the same result; on CPU, PyTorch's ``argmax`` over a dimension that is not the innermost
-    ran 7x slower (71 ms against 11 ms for 5 x 800 x 800 float32 logits, one thread): it was the largest single
-    operator of the shipped model's block-wise bf16 inference.
+    ran 23x slower (109 ms against 4.7 ms for 5 x 800 x 800 float32 logits, 2 threads, ``benchmarks/inference_speed.py
+    --part operators``): it was the largest single operator of the shipped model's block-wise bf16 inference.
     """
     return logits.max(dim).indices
 

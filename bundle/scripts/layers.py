@@ -60,10 +60,10 @@ class SectionConv3d(nn.Conv3d):
 class StridedMaxPool3d(nn.Module):
     """``nn.MaxPool3d(factor, factor)`` that runs in eval mode as the maximum of the input's ``factor`` strided views.
 
-    The same values either way. PyTorch's CPU ``max_pool3d`` on channel-first tensors took 4.1 ms where the strided
-    maxima take 0.5 ms, on a (4, 23, 128, 128, 1) float32 window (2 threads): 15 % of the shipped model's bf16
-    block-wise inference. In training mode the library kernel stays: its backward is the faster one (the strided
-    form made a training step 15 % slower).
+    The same values either way. PyTorch's CPU ``max_pool3d`` on channel-first tensors took 4.0 ms where the strided
+    maxima take 0.6 ms, on a (4, 23, 128, 128, 1) float32 window (2 threads, ``benchmarks/inference_speed.py --part
+    operators``); it was 15 % of the shipped model's bf16 block-wise inference. In training mode the library kernel
+    stays: its backward is the faster one (the strided form made a training step 15 % slower).
 
     Args:
         factor: pooling factor per spatial axis, e.g. ``(2, 2, 1)``.
@@ -89,8 +89,9 @@ class StridedMaxPool3d(nn.Module):
 
 class NearestUpsample3d(nn.Module):
     """``nn.Upsample(scale_factor=factor, mode="nearest")`` for integer factors, whose inference runs as a broadcast
-    copy in eval mode: the same values in half to two thirds of the CPU time of ``upsample_nearest3d`` on
-    channel-first tensors (float32, bf16). In training mode the library kernel stays, for its faster backward.
+    copy in eval mode: the same values 1.5x faster than ``upsample_nearest3d`` on channel-first tensors (float32
+    and bf16, ``benchmarks/inference_speed.py --part operators``). In training mode the library kernel stays, for
+    its faster backward.
 
     Args:
         factor: up-sampling factor per spatial axis, e.g. ``(2, 2, 1)``.
@@ -99,11 +100,10 @@ class NearestUpsample3d(nn.Module):
     def __init__(self, factor: Sequence[int]) -> None:
         super().__init__()
         self.factor = [int(f) for f in factor]
-        self.scale = [float(f) for f in factor]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+            return F.interpolate(x, scale_factor=[float(f) for f in self.factor], mode="nearest")
         b, c, sx, sy, sz = x.shape
         fx, fy, fz = self.factor
         grid = x[:, :, :, None, :, None, :, None].expand(b, c, sx, fx, sy, fy, sz, fz)
