@@ -358,12 +358,61 @@ def test_inference_pooling_and_up_sampling_equal_the_library_modules(factor):
     pool, up = StridedMaxPool3d(factor).eval(), NearestUpsample3d(factor).eval()
     assert torch.equal(pool(x), reference_pool(x))
     assert torch.equal(up(x), reference_up(x))
+    channels_last = up(x.contiguous(memory_format=torch.channels_last_3d))
+    assert torch.equal(channels_last, reference_up(x))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(torch.jit.script(pool)(x.to(torch.bfloat16)), reference_pool(x.to(torch.bfloat16)))
     trained = x.clone().requires_grad_()
     pool(trained).sum().backward()
     expected = x.clone().requires_grad_()
     reference_pool(expected).sum().backward()
     assert torch.equal(trained.grad, expected.grad)
+
+
+@pytest.mark.parametrize("sections", [1, 3])
+@pytest.mark.parametrize("channels,size", [(4, 9), (16, 40)])  # a channel-first copy / the channels-last kernel
+def test_instance_group_norm_equals_instance_norm(sections, channels, size):
+    """The group-norm form normalises as nn.InstanceNorm3d does, values and gradients alike, and keeps the layout."""
+    from scripts.layers import InstanceGroupNorm3d
+
+    torch.manual_seed(0)
+    reference = nn.InstanceNorm3d(channels, affine=True)
+    nn.init.normal_(reference.weight)
+    nn.init.normal_(reference.bias)
+    norm = InstanceGroupNorm3d(channels, affine=True)
+    norm.load_state_dict(reference.state_dict())
+    x = torch.randn(2, channels, size, size, sections) * 3 + 1
+    fast, expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(norm(fast), reference(expected))
+    (norm(fast) * x).sum().backward()
+    (reference(expected) * x).sum().backward()
+    torch.testing.assert_close(fast.grad, expected.grad)
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(torch.jit.script(norm.eval())(channels_last), reference(x))
+    assert norm(channels_last).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_channels_last_weights_keep_single_section_activations_channels_last():
+    """With channels-last weights every convolution after the stem sees a channels-last input (a bf16 oneDNN
+    convolution copies any other layout), and the logits equal those of the channel-first network."""
+    from scripts.layers import SectionConv3d, to_channels_last_3d
+
+    net = small(norm="instance", upsample="interpolate").eval()
+    x = torch.randn(2, 1, 32, 40, 1)
+    with torch.no_grad():
+        expected = net(x)
+    to_channels_last_3d(net)
+    layouts = []
+    for module in net.modules():
+        if isinstance(module, SectionConv3d):
+            module.register_forward_pre_hook(
+                lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d))
+            )
+    with torch.no_grad():
+        logits = net(x)
+    assert len(layouts) > 10 and all(layouts[1:])  # the first one is the 1-channel image
+    # float32 sums in another order through some 30 layers: agreement to 1e-3 of the logits' range
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("upsample,periodic", [("transposed", True), ("interpolate", False)])

@@ -42,6 +42,7 @@ from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
 from scripts.inference import class_indices
 from scripts.label_volumes import ZarrLabelWriter
+from scripts.layers import to_channels_last_3d
 from scripts.volumes import Box, Volume
 
 logger = get_logger(__name__)  # INFO to stdout, as MONAI's bundle scripts log: the resume report must be seen
@@ -169,17 +170,6 @@ class FlipTTA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"axes={self.axes}"
-
-
-def to_channels_last_3d(network: nn.Module) -> nn.Module:
-    """Stores the 5D weights of ``network`` (3D convolutions) channels-last, in place; other tensors are kept.
-
-    ``nn.Module.to(memory_format=torch.channels_last_3d)`` would fail on a 2D convolution's 4D weights.
-    """
-    for tensor in itertools.chain(network.parameters(), network.buffers()):
-        if tensor.dim() == 5:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
-    return network
 
 
 @dataclass
