@@ -61,6 +61,7 @@ def test_time_limit_stops_after_the_budget_and_summary_says_so(tmp_path, monkeyp
     assert 1 < trainer.state.iteration < 10
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == trainer.state.iteration and summary["stopped_by"] == "max_minutes"
+    assert summary["threads"] == torch.get_num_threads()
 
 
 def test_time_limit_none_never_stops():

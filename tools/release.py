@@ -11,7 +11,8 @@
 
 Usage (from the repository root; relative paths start at ``bundle/``):
 ``python -m tools.release [--max_minutes 30] [--workdir ../runs/release] [--train true]``.
-``--train false`` repeats steps 2-3 from the checkpoint of an earlier call.
+``--train False`` repeats steps 2-3 from the checkpoint of an earlier call (capitalised: Fire reads a lowercase
+``false`` as a string, which trains).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main(
         "recipe": RECIPE,
         "steps": summary["steps"],
         "train_seconds": round(train_seconds),
-        "threads": torch.get_num_threads(),
+        "threads": summary["threads"],
         "precision": _chosen_precision(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),

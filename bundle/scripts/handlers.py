@@ -168,7 +168,8 @@ class WarmupPolyLR:
 
 
 class TrainingSummary:
-    """Write ``{"steps", "epochs", "seconds", "stopped_by"}`` as JSON when training ends, for reports and studies.
+    """Write ``{"steps", "epochs", "seconds", "stopped_by", "threads"}`` as JSON when training ends, for reports and
+    studies (``threads``: PyTorch's CPU threads, which set how many steps a time budget buys).
 
     Args:
         path: the JSON file (written through a temporary name).
@@ -192,6 +193,7 @@ class TrainingSummary:
             "epochs": trainer.state.epoch,
             "seconds": round(time.monotonic() - self.start, 1),
             "stopped_by": "max_minutes" if out_of_time else "max_epochs",
+            "threads": torch.get_num_threads(),
         }
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(summary, self.path, indent=2)
