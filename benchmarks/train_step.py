@@ -1,7 +1,7 @@
 """Seconds per training step: the paper-size 2D-3D+3x3x3 network on one (296, 296, 5) window (``--part paper``),
-or the default recipe's network and loss on a batch of its training windows (``--part default``), float32 and
-bfloat16 autocast, with its instance norms computed by ``scripts.layers.InstanceGroupNorm3d`` (the bundle's) and by
-PyTorch's ``instance_norm`` (the library's), interleaved in one run.
+or the default recipe's network and loss on a batch of its training windows (``--part default``: float32 and
+bfloat16 autocast, each with the instance norms computed by ``scripts.layers.InstanceGroupNorm3d``, the bundle's,
+and by PyTorch's ``instance_norm``, the library's, in one run).
 
 Prints the figures and writes them as JSON. The machine's float32 matrix-multiply rate is measured in the same
 run, so that figures from shared, drifting machines can be compared as ratios.

@@ -10,7 +10,7 @@
    ``docs/results.json`` and the overlay picture to ``docs/images/``; prints the tables the model card shows.
 
 Usage (from the repository root; relative paths start at ``bundle/``):
-``python -m tools.release [--max_minutes 30] [--workdir ../runs/release] [--train true]``.
+``python -m tools.release [--max_minutes 30] [--workdir ../runs/release] [--train True]``.
 ``--train False`` repeats steps 2-3 from the checkpoint of an earlier call (capitalised: Fire reads a lowercase
 ``false`` as a string, which trains).
 """
@@ -127,7 +127,7 @@ def main(
         "recipe": RECIPE,
         "steps": summary["steps"],
         "train_seconds": round(train_seconds),
-        "threads": summary["threads"],
+        "threads": summary.get("threads"),  # summaries written before it was recorded lack it
         "precision": _chosen_precision(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.is_available(),

@@ -47,9 +47,9 @@ class SectionConv3d(nn.Conv3d):
     a 1x1 2D convolution for any ``Z``: oneDNN's 3D backward of the predictors took 0.34 s a call on such a
     window, a fifth of a training step.
 
-    ``channels_last`` (set by ``to_channels_last_3d``) keeps single-section outputs channels-last:
-    oneDNN takes its output layout from the input's or the weight's, which a 1-channel image or the central slice
-    of a 3x3x3 kernel leaves undecided, and a bf16 convolution copies a channel-first input to channels-last.
+    ``channels_last`` (set by ``to_channels_last_3d``) keeps single-section outputs channels-last: oneDNN takes its
+    output layout from the input's or the weight's, which a 1-channel image or the central slice of a 3x3x3 kernel
+    leaves undecided, and a bf16 convolution copies a channel-first input to channels-last and its output back.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -98,8 +98,8 @@ class InstanceGroupNorm3d(nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` without running statistics, computed as a group norm with one group per channel.
 
     The same normalisation (per sample and channel over the spatial axes) and parameters, so checkpoints are
-    unchanged. PyTorch's CPU group norm is faster than its instance norm, a batch norm of a reshaped copy (4x in
-    float32 on a (4, 16, 128, 128, 1) window, 7x on a channels-last 3D one: ``benchmarks/inference_speed.py --part
+    unchanged. PyTorch's CPU group norm is faster than its instance norm, a batch norm of a reshaped copy (4.3x in
+    float32 on a (4, 16, 128, 128, 1) window, 9.9x on a channels-last 3D one: ``benchmarks/inference_speed.py --part
     operators``), and keeps a channels-last input channels-last. Its channels-last kernel normalises one group at a
     time, element by element, on maps under 1024 voxels, and under-fills its channel vectors below 16 channels
     (3.5x and 15x slower than on a channel-first copy on the shipped model's (4, 8, 128, 128, 1) and
