@@ -441,6 +441,14 @@ def operators(repeats: int = 30) -> dict:
         def instance_norm(x: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
 
+        def group_norm(x: torch.Tensor, module: InstanceGroupNorm3d) -> torch.Tensor:
+            return torch.nn.functional.group_norm(x, module.num_features, module.weight, module.bias, module.eps)
+
+        last = torch.channels_last_3d
+        narrow = torch.randn(4, 8, 128, 128, 1, dtype=dtype).contiguous(memory_format=last)
+        coarse_map = torch.randn(4, 128, 16, 16, 1, dtype=dtype).contiguous(memory_format=last)
+        norm_8, norm_128 = InstanceGroupNorm3d(8, affine=True).eval(), InstanceGroupNorm3d(128, affine=True).eval()
+
         pairs = {
             "class indices of (5, 800, 800, 1) logits": (lambda: logits.argmax(0), lambda: class_indices(logits)),
             "(2, 2, 1) max-pooling of (4, 23, 128, 128, 1)": (
@@ -453,6 +461,15 @@ def operators(repeats: int = 30) -> dict:
             ),
             "instance norm of (4, 16, 128, 128, 1)": (lambda: instance_norm(section), lambda: norm(section)),
             "instance norm of channels-last (2, 16, 96, 96, 8)": (lambda: instance_norm(volume), lambda: norm(volume)),
+            # where the bundle normalises a channel-first copy: against the channels-last group-norm kernel
+            "group norm kernel on channels-last (4, 8, 128, 128, 1)": (
+                lambda: group_norm(narrow, norm_8),
+                lambda: norm_8(narrow),
+            ),
+            "group norm kernel on channels-last (4, 128, 16, 16, 1)": (
+                lambda: group_norm(coarse_map, norm_128),
+                lambda: norm_128(coarse_map),
+            ),
         }
         # the norms sum in another order: equal to float32 rounding, or to bf16's where it computes in bf16
         tolerance = 1e-4 if dtype == torch.float32 else 0.1

@@ -101,17 +101,17 @@ class InstanceGroupNorm3d(nn.InstanceNorm3d):
     unchanged. PyTorch's CPU group norm is faster than its instance norm, a batch norm of a reshaped copy (4.3x in
     float32 on a (4, 16, 128, 128, 1) window, 9.9x on a channels-last 3D one: ``benchmarks/inference_speed.py --part
     operators``), and keeps a channels-last input channels-last. Its channels-last kernel normalises one group at a
-    time, element by element, on maps under 1024 voxels, and under-fills its channel vectors below 16 channels
-    (3.5x and 15x slower than on a channel-first copy on the shipped model's (4, 8, 128, 128, 1) and
-    (4, 128, 16, 16, 1) bf16 activations, scratch timing, 1 thread): those are normalised channel-first and returned
-    channels-last.
+    time, element by element, on maps under 1024 voxels, and under-fills its channel vectors below 16 bf16 channels
+    (slower than a channel-first copy on the shipped model's (4, 8, 128, 128, 1) and (4, 128, 16, 16, 1) bf16
+    activations, ``--part operators``): those are normalised channel-first and returned channels-last.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 5 or self.track_running_stats:
             return self._apply_instance_norm(input)
         voxels = input.shape[2] * input.shape[3] * input.shape[4]
-        if input.is_contiguous() or (voxels >= 1024 and self.num_features >= 16):
+        narrow = self.num_features < 16 and input.dtype != torch.float32
+        if input.is_contiguous() or (voxels >= 1024 and not narrow):
             return F.group_norm(input, self.num_features, self.weight, self.bias, self.eps)
         out = F.group_norm(input.contiguous(), self.num_features, self.weight, self.bias, self.eps)
         return out.contiguous(memory_format=torch.channels_last_3d)
