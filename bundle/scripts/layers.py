@@ -98,8 +98,8 @@ class InstanceGroupNorm3d(nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` without running statistics, computed as a group norm with one group per channel.
 
     The same normalisation (per sample and channel over the spatial axes) and parameters, so checkpoints are
-    unchanged. PyTorch's CPU group norm is faster than its instance norm, a batch norm of a reshaped copy (4.3x in
-    float32 on a (4, 16, 128, 128, 1) window, 9.9x on a channels-last 3D one: ``benchmarks/inference_speed.py --part
+    unchanged. PyTorch's CPU group norm is faster than its instance norm, a batch norm of a reshaped copy (4.9x in
+    float32 on a (4, 16, 128, 128, 1) window, 10.4x on a channels-last 3D one: ``benchmarks/inference_speed.py --part
     operators``), and keeps a channels-last input channels-last. Its channels-last kernel normalises one group at a
     time, element by element, on maps under 1024 voxels, and under-fills its channel vectors below 16 bf16 channels
     (slower than a channel-first copy on the shipped model's (4, 8, 128, 128, 1) and (4, 128, 16, 16, 1) bf16
