@@ -1,6 +1,6 @@
 """The pretrained model that ships in ``bundle/models/``: what a user gets right after cloning.
 
-``python -m scripts.release`` trained it and wrote ``docs/results.json``; these tests check that the shipped files
+``python -m tools.release`` trained it and wrote ``docs/results.json``; these tests check that the shipped files
 are the ones listed, load as users load them, and still give the figures the model card states."""
 
 import hashlib
