@@ -3,8 +3,9 @@
 ``--part speed`` (b): the paper-size HybridUNet2D3D (64 features, 10.3 M parameters, random weights) on a real-size
 volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In one run:
 
-- this machine's float32 matrix-multiply GFLOP/s (2048^2, best of 5, at the start and at the end of the run; the
-  higher is the peak);
+- this machine's float32 peak GFLOP/s, at the start and at the end of the run, the higher of the two: the higher of
+  MKL's 2048^2 matrix product and oneDNN's 1 x 1 convolution (512 channels), best of 5 each (on AMD CPUs MKL runs
+  an AVX2 path, so the matrix product alone understates the peak the networks' oneDNN convolutions can reach);
 - the network's forward alone on ``windows`` training windows (296, 296, 5) as MONAI runs them, and on one of the
   bundle's inference windows, channels-last: seconds and GFLOP/s;
 - MONAI's default ``SlidingWindowInferer`` (training window, overlap 0.25, Gaussian) on the whole volume;
@@ -13,7 +14,7 @@ volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In o
   overlap 0.15 lays 2 windows over 800 x 800 x 24 that share 96 rows, more than the 74 that neighbouring
   training windows share at MONAI's overlap 0.25;
 - end-to-end voxels per second of both, the speed-up, useful GFLOP/s (the network's FLOPs for each voxel once, over
-  the end-to-end time) against the matrix-multiply peak, and the share of voxels whose label the two agree on;
+  the end-to-end time) against that peak, and the share of voxels whose label the two agree on;
 - equal accuracy, with trained weights: the shipped model (``models/model.pt``) on the real platelet slice through
   the same two inferers (MONAI's with that model's training window), validation MIoU of each.
 
@@ -21,7 +22,7 @@ volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In o
 slice through block-wise inference, float32 and bfloat16 autocast, with contiguous and with channels-last weights:
 seconds, speed-up and validation MIoU of each; and the paper-size network's forward on one channels-last
 (296, 296, 24) window in both precisions (random weights: speed only). It ends with the throughput table of this
-machine: voxels/s, minutes per gigavoxel and the useful share of the float32 matrix-multiply peak of each.
+machine: voxels/s, minutes per gigavoxel and the useful share of the float32 peak of each.
 
 ``--part profile``: where the shipped model's block-wise inference of the platelet slice spends its time, operator by
 operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
@@ -30,6 +31,9 @@ path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3
 ``--part compile``: the shipped model's forward on a batch of its inference windows (as block-wise inference
 batches them), eager against ``torch.compile`` (inductor), float32 and bfloat16 autocast: compile seconds,
 milliseconds per batch and the speed-up.
+
+``--part windows``: the paper-size network's float32 forward (random weights, channels-last) on one window of each
+of several sizes: seconds, GFLOP/s and share of the float32 peak.
 
 ``--part operators``: the operators the bundle replaces in inference, each against its library form on the shapes
 where the profile found them: ``argmax`` over the classes of 5 x 800 x 800 logits against
@@ -45,6 +49,7 @@ them as JSON. Usage (from the repository root)::
     python benchmarks/inference_speed.py --part profile [--top 8]
     python benchmarks/inference_speed.py --part compile [--repeats 10]
     python benchmarks/inference_speed.py --part operators [--repeats 30]
+    python benchmarks/inference_speed.py --part windows
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import write_report  # noqa: E402
-from train_step import matmul_gflops  # noqa: E402
+from train_step import float32_peak  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference  # noqa: E402
@@ -126,7 +131,7 @@ def speed(
     torch.manual_seed(0)
     network = HybridUNet2D3D(out_channels=7, features=features).eval()
     per_voxel = flops_per_voxel(network)
-    peak_start = matmul_gflops()
+    peak_start = float32_peak()
     with torch.inference_mode():
         batch = torch.randn(1, 1, *TRAIN_WINDOW)
         network(batch)  # warm-up
@@ -153,15 +158,15 @@ def speed(
     labels = torch.from_numpy(np.ascontiguousarray(zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)))
     agreement = float((labels == reference).float().mean())
     useful = per_voxel * voxels / 1e9
-    peak_end = matmul_gflops()
-    peak = max(peak_start, peak_end)
+    peak_end = float32_peak()
+    peak = max(peak_start["fp32_peak_gflops"], peak_end["fp32_peak_gflops"])
     return {
         "volume_xyz": list(stack.shape),
         "network": f"HybridUNet2D3D features {features} (random weights)",
         "parameters": sum(p.numel() for p in network.parameters()),
         "gflop_per_voxel_forward": per_voxel / 1e9,
-        "matmul_fp32_gflops": round(peak, 1),
-        "matmul_fp32_gflops_start_end": [round(peak_start, 1), round(peak_end, 1)],
+        "fp32_peak_gflops": peak,
+        "fp32_rates_start_end": [peak_start, peak_end],
         "forward_alone": {"windows": windows, "seconds": round(forward_s, 2), "gflops": round(forward_gflops, 1)},
         "forward_alone_inference_window": {
             "roi": list(grid.roi_size),
@@ -185,7 +190,7 @@ def speed(
             "seconds": round(bundle_s, 1),
             "voxels_per_s": round(voxels / bundle_s),
             "useful_gflops": round(useful / bundle_s, 1),
-            "share_of_matmul_peak": round(useful / bundle_s / peak, 3),
+            "share_of_fp32_peak": round(useful / bundle_s / peak, 3),
         },
         "speed_up_over_monai_default": round(monai_s / bundle_s, 2),
         "label_agreement_with_monai_default": round(agreement, 5),
@@ -248,7 +253,7 @@ def _remove(zarr_path: Path) -> None:
 
 
 def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
-    peak_at_start = matmul_gflops()
+    peak_at_start = float32_peak()
     network, parser = _shipped_model()
     window = parser["infer_window"]
     image, labels = _platelet_stack(1)
@@ -282,7 +287,8 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
         result["speed_up"] = round(result["float32"]["seconds"] / result["bfloat16"]["seconds"], 2)
         result["miou_all_change"] = round(result["bfloat16"]["miou_all"] - result["float32"]["miou_all"], 4)
     paper = _paper_size_bf16(paper_window)
-    peak = max(peak_at_start, matmul_gflops())  # a shared machine drifts: the higher of two measurements
+    peak_at_end = float32_peak()  # a shared machine drifts: the higher of two measurements
+    peak = max(peak_at_start["fp32_peak_gflops"], peak_at_end["fp32_peak_gflops"])
     shipped_flops = flops_per_voxel(network, window)
     rows = [
         _throughput(
@@ -317,7 +323,8 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
         "window": window,
         **results,
         "paper_size_forward": paper,
-        "matmul_fp32_gflops": round(peak, 1),
+        "fp32_peak_gflops": peak,
+        "fp32_rates_start_end": [peak_at_start, peak_at_end],
         "throughput": rows,
     }
 
@@ -333,7 +340,7 @@ def _throughput(
         "precision": precision,
         "voxels/s": round(rate),
         "min per gigavoxel": round(1e9 / rate / 60, 1),
-        "% of float32 matmul peak": round(100 * rate * flops / 1e9 / peak_gflops, 1),
+        "% of float32 peak": round(100 * rate * flops / 1e9 / peak_gflops, 1),
     }
 
 
@@ -424,6 +431,43 @@ def compile_trial(repeats: int = 10) -> dict:
     return {"model": "models/model.pt (configs/inference.json network)", "batch": list(batch.shape), "rows": rows}
 
 
+def windows(
+    sizes: tuple = ((128, 128, 24), (200, 200, 24), (296, 296, 24), (448, 448, 24), (800, 448, 24)),
+    features: int = 64,
+) -> dict:
+    """The paper-size network's float32 forward, channels-last, on one window of each size: GFLOP/s and its share
+    of the float32 peak (how the block-wise window size trades the convolutions' speed against overlap)."""
+    torch.manual_seed(0)
+    network = to_channels_last_3d(HybridUNet2D3D(out_channels=7, features=features).eval())
+    per_voxel = flops_per_voxel(network, (64, 64, 8))
+    peak_at_start = float32_peak()
+    rows = []
+    with torch.inference_mode():
+        for size in sizes:
+            batch = torch.randn(1, 1, *size).contiguous(memory_format=torch.channels_last_3d)
+            network(batch[..., :8])  # warm-up
+            seconds = _timed(lambda: network(batch))[1]
+            rows.append(
+                {
+                    "window": str(tuple(size)),
+                    "seconds": round(seconds, 2),
+                    "GFLOP/s": per_voxel * math.prod(size) / seconds / 1e9,
+                }
+            )
+    peak_at_end = float32_peak()
+    peak = max(peak_at_start["fp32_peak_gflops"], peak_at_end["fp32_peak_gflops"])
+    for row in rows:
+        row["% of float32 peak"] = round(100 * row["GFLOP/s"] / peak, 1)
+        row["GFLOP/s"] = round(row["GFLOP/s"], 1)
+    print("\n" + markdown_table(rows) + "\n")
+    return {
+        "network": f"HybridUNet2D3D features {features} (random weights), channels-last, float32",
+        "fp32_peak_gflops": peak,
+        "fp32_rates_start_end": [peak_at_start, peak_at_end],
+        "rows": rows,
+    }
+
+
 def operators(repeats: int = 30) -> dict:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -497,7 +541,14 @@ def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
     if not (DATA / "50-slice0-image.tif").exists():
         print(f"SKIPPED: the real platelet slice is not in {DATA} (it ships in the repository's sample_data/)")
         return
-    parts = {"speed": speed, "bf16": bf16, "profile": profile, "compile": compile_trial, "operators": operators}
+    parts = {
+        "speed": speed,
+        "bf16": bf16,
+        "profile": profile,
+        "compile": compile_trial,
+        "operators": operators,
+        "windows": windows,
+    }
     if part not in parts:
         sys.exit(f"--part must be one of {sorted(parts)}, got {part!r}")
     report = {"part": part, **parts[part](**kwargs)}
