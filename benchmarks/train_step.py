@@ -46,7 +46,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 def convolution_gflops(channels: int = 512, size: int = 64, repeats: int = 5) -> float:
     """float32 GFLOP/s of a channels-last 1 x 1 convolution (oneDNN's GEMM), the best of ``repeats`` after a warm-up.
 
-    PyTorch's ``torch.mm`` goes to MKL, which runs an AVX2 path on AMD CPUs (2.4x below this figure on an AMD EPYC
+    PyTorch's ``torch.mm`` goes to MKL, which runs an AVX2 path on AMD CPUs (2.3x below this figure on an AMD EPYC
     with AVX-512), while every convolution the bundle runs goes to oneDNN: its rate is the peak the networks can
     reach.
     """
