@@ -76,7 +76,7 @@ BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import write_report  # noqa: E402
-from train_step import float32_peak  # noqa: E402
+from train_step import float32_peak, higher_peak  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference  # noqa: E402
@@ -159,7 +159,7 @@ def speed(
     agreement = float((labels == reference).float().mean())
     useful = per_voxel * voxels / 1e9
     peak_end = float32_peak()
-    peak = max(peak_start["fp32_peak_gflops"], peak_end["fp32_peak_gflops"])
+    peak = higher_peak(peak_start, peak_end)
     return {
         "volume_xyz": list(stack.shape),
         "network": f"HybridUNet2D3D features {features} (random weights)",
@@ -287,8 +287,8 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
         result["speed_up"] = round(result["float32"]["seconds"] / result["bfloat16"]["seconds"], 2)
         result["miou_all_change"] = round(result["bfloat16"]["miou_all"] - result["float32"]["miou_all"], 4)
     paper = _paper_size_bf16(paper_window)
-    peak_at_end = float32_peak()  # a shared machine drifts: the higher of two measurements
-    peak = max(peak_at_start["fp32_peak_gflops"], peak_at_end["fp32_peak_gflops"])
+    peak_at_end = float32_peak()
+    peak = higher_peak(peak_at_start, peak_at_end)
     shipped_flops = flops_per_voxel(network, window)
     rows = [
         _throughput(
@@ -455,7 +455,7 @@ def windows(
                 }
             )
     peak_at_end = float32_peak()
-    peak = max(peak_at_start["fp32_peak_gflops"], peak_at_end["fp32_peak_gflops"])
+    peak = higher_peak(peak_at_start, peak_at_end)
     for row in rows:
         row["% of float32 peak"] = round(100 * row["GFLOP/s"] / peak, 1)
         row["GFLOP/s"] = round(row["GFLOP/s"], 1)

@@ -31,16 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance, beside t
 from provenance import write_report  # noqa: E402
 
 
+def _best_gflops(operation, flops: float, repeats: int) -> float:
+    """GFLOP/s of ``operation`` (``flops`` per call), the best of ``repeats`` timed calls after a warm-up call."""
+    with torch.inference_mode():
+        operation()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            operation()
+            seconds.append(time.perf_counter() - start)
+    return flops / min(seconds) / 1e9
+
+
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """float32 GFLOP/s of a ``size`` x ``size`` matrix product, the best of ``repeats`` after a warm-up."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / min(seconds) / 1e9
+    return _best_gflops(lambda: a @ b, 2 * size**3, repeats)
 
 
 def convolution_gflops(channels: int = 512, size: int = 64, repeats: int = 5) -> float:
@@ -52,20 +58,18 @@ def convolution_gflops(channels: int = 512, size: int = 64, repeats: int = 5) ->
     """
     convolution = torch.nn.Conv2d(channels, channels, 1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(1, channels, size, size).contiguous(memory_format=torch.channels_last)
-    seconds = []
-    with torch.inference_mode():
-        convolution(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            convolution(x)
-            seconds.append(time.perf_counter() - start)
-    return 2 * channels**2 * size**2 / min(seconds) / 1e9
+    return _best_gflops(lambda: convolution(x), 2 * channels**2 * size**2, repeats)
 
 
 def float32_peak() -> dict:
     """This machine's float32 rates: MKL's matrix product, oneDNN's 1 x 1 convolution, and the peak, the higher."""
     rates = {"matmul_fp32_gflops": round(matmul_gflops(), 1), "conv1x1_fp32_gflops": round(convolution_gflops(), 1)}
     return {**rates, "fp32_peak_gflops": max(rates.values())}
+
+
+def higher_peak(*measurements: dict) -> float:
+    """The highest ``fp32_peak_gflops`` of several ``float32_peak`` measurements (a shared machine drifts)."""
+    return max(m["fp32_peak_gflops"] for m in measurements)
 
 
 def _median_step_seconds(network, loss_function, optimizer, image, target, steps: int, bf16: bool = False) -> float:
