@@ -321,7 +321,7 @@ def test_section_wise_2d_runs_a_2d_network_on_every_section():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net2d.modules())
 
 
-@pytest.mark.parametrize("norm", [None, "instance", "batch"])
+@pytest.mark.parametrize("norm", [None, "instance", "batch", "group"])
 @pytest.mark.parametrize("upsample", ["transposed", "interpolate"])
 def test_norm_and_upsample_options_train_and_script(norm, upsample):
     net = small(norm=norm, upsample=upsample, out_channels=3)

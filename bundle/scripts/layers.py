@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 _KERNEL_3D = (3, 3, 3)
+GROUP_NORM_CHANNELS = 4
 
 
 def unsqueeze_section(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def conv_block(
         strides=stride,
         kernel_size=kernel_size,
         act=("relu", {"inplace": True}),
-        norm=norm_spec(norm),
+        norm=norm_spec(norm, out_channels),
         bias=True,
     )
     conv = block.conv  # replaced under the same name, so checkpoints are unchanged
@@ -204,15 +205,20 @@ def conv_block(
     return block
 
 
-def norm_spec(norm: Optional[str]):
-    """MONAI's norm argument; instance norm gets affine parameters (nnU-Net's choice)."""
+def norm_spec(norm: Optional[str], channels: int):
+    """MONAI's norm argument for a layer of ``channels`` channels: instance norm gets affine parameters (nnU-Net's
+    choice); ``"group"`` is a group norm with ``GROUP_NORM_CHANNELS`` channels a group (Wu and He 2018): statistics
+    per window like instance norm, but over several channels, and none carried from training to inference like
+    batch norm's."""
     if norm is None or norm == "none":
         return None
     if norm == "instance":
         return ("instance", {"affine": True})
     if norm == "batch":
         return "batch"
-    raise ValueError(f"norm must be None, 'none', 'instance' or 'batch', got {norm!r}")
+    if norm == "group":
+        return ("group", {"num_groups": max(1, channels // GROUP_NORM_CHANNELS)})
+    raise ValueError(f"norm must be None, 'none', 'instance', 'batch' or 'group', got {norm!r}")
 
 
 def upsampling(in_channels: int, out_channels: int, factor: Sequence[int], mode: str) -> nn.Module:

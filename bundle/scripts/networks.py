@@ -181,7 +181,7 @@ class HybridUNet2D3D(nn.Module):
         pyramid_features: width of each pyramid level; default ``features * 2**level`` = (64, 128) as in the
             authors' code. Level 0's width is the pyramid output width (fed to the 3D predictor).
         deep_supervision: return the 2D logits too in training mode (the paper's multi-loss, weight 0.33 on 2D).
-        norm: normalisation after every convolution: None (the paper), ``"instance"`` or ``"batch"``.
+        norm: normalisation after every convolution: None (the paper), ``"instance"``, ``"batch"`` or ``"group"``.
         upsample: ``"transposed"`` (the paper's 1x2x2 transposed convolutions) or ``"interpolate"`` (nearest
             up-sampling then a (3, 3, 1) convolution, free of the transposed convolution's period-2 grid).
         stem_stride: 1 (the paper) or 2: a (3, 3, 1) convolution of stride (2, 2, 1) with ``features`` kernels
