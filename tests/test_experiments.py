@@ -132,8 +132,18 @@ def test_table1_sections_follow_the_paper():
     assert rows[1]["eval_miou_all"] == 0.6 and rows[1]["organelles_found"] == "3 of 4"
 
 
+def test_combined_variants_are_applied_in_order():
+    assert variant_files("study/norm_batch+study/sampling_uniform", ["configs/variants/cdeep3m_mito.json"]) == [
+        "configs/variants/cdeep3m_mito.json",
+        "configs/variants/study/norm_batch.json",
+        "configs/variants/study/sampling_uniform.json",
+    ]
+
+
 def test_unknown_variant_and_missing_data_are_named(tmp_path):
     with pytest.raises(ValueError, match="no_such_variant"):
         variant_files("no_such_variant")
+    with pytest.raises(ValueError, match="'no_such_variant' \\(of 'study/norm_batch\\+no_such_variant'\\)"):
+        variant_files("study/norm_batch+no_such_variant")
     with pytest.raises(FileNotFoundError, match="dataset_dir"):
         ExperimentRunner(str(tmp_path), dataset_dir=str(tmp_path / "absent"))

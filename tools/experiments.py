@@ -36,14 +36,19 @@ from tools.experiment_tables import BASE_VARIANT, collect_results, write_tables
 
 
 def variant_files(variant: str, recipe: Sequence[str] = ()) -> list[str]:
-    """Config override files of a variant after the recipe files (e.g. a CPU-scale recipe), relative to the bundle."""
+    """Config override files of a variant after the recipe files (e.g. a CPU-scale recipe), relative to the bundle.
+
+    ``"a+b"`` combines variants: ``a``'s file, then ``b``'s (e.g. ``"study/norm_batch+study/sampling_uniform"``)."""
     files = list(recipe)
-    if variant != BASE_VARIANT:
-        path = f"configs/variants/{variant}.json"
+    if variant == BASE_VARIANT:
+        return files
+    for part in variant.split("+"):
+        path = f"configs/variants/{part}.json"
         if not (BUNDLE_ROOT / path).is_file():
             known = sorted(p.stem for p in (BUNDLE_ROOT / "configs" / "variants").glob("*.json"))
             raise ValueError(
-                f"variant '{variant}': {BUNDLE_ROOT / path} does not exist; known: {BASE_VARIANT}, {known}"
+                f"variant '{part}' (of '{variant}'): {BUNDLE_ROOT / path} does not exist; known: {BASE_VARIANT}, "
+                f"{known}"
             )
         files.append(path)
     return files
