@@ -67,7 +67,8 @@ def arm_name(arm: str) -> str:
     return "default" if arm == BASE_VARIANT else arm.replace("study/", "")
 
 
-def _runner(dataset: str, workdir: Path, data_dir: Path | None, max_minutes: float) -> ExperimentRunner:
+def study_runner(dataset: str, workdir: Path, data_dir: Path | None, max_minutes: float) -> ExperimentRunner:
+    """The experiment runner of one data set's arms: its datalist and variant file, the time budget, no ensembles."""
     datalist, variant, _ = DATASETS[dataset]
     return ExperimentRunner(
         str(workdir / dataset),
@@ -111,7 +112,9 @@ def worker(
     os.chdir(BUNDLE)  # config paths are relative to the bundle root, as with `python -m monai.bundle run`
     for n, (dataset, arm, seed) in enumerate(_jobs(datasets, arms, seeds)):
         if n % workers == index:
-            _runner(dataset, Path(workdir), Path(data_dir) if data_dir else None, max_minutes).train_instance(arm, seed)
+            study_runner(dataset, Path(workdir), Path(data_dir) if data_dir else None, max_minutes).train_instance(
+                arm, seed
+            )
 
 
 def run(

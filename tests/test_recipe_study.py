@@ -62,7 +62,7 @@ def test_tables_average_seeds_and_compare_every_arm_with_the_plain_monai_baselin
 
 def test_every_arm_is_a_variant_file_and_data_set_files_come_before_it(monkeypatch, tmp_path):
     monkeypatch.chdir(BUNDLE)
-    runner = recipe_study._runner("isbi2012", tmp_path / "runs", tmp_path, 3)
+    runner = recipe_study.study_runner("isbi2012", tmp_path / "runs", tmp_path, 3)
     files = runner._files("study/isbi_8nm")
     assert files == ["configs/variants/isbi2012.json", "configs/variants/study/isbi_8nm.json"]
     for arm in (recipe_study.BASELINE, "paper_recipe", "study/norm_batch"):

@@ -142,7 +142,8 @@ class ExperimentRunner:
     def _overrides(self, variant: str) -> dict:
         return {**self.overrides, **self.variant_overrides.get(variant, {})}
 
-    def _infer_and_evaluate(self, variant: str, out_dir: Path, extra_files: Sequence[str], overrides: dict) -> dict:
+    def infer_and_evaluate(self, variant: str, out_dir: Path, extra_files: Sequence[str], overrides: dict) -> dict:
+        """Segment the validation split with ``variant`` (and ``extra_files``), evaluate it in ``out_dir/eval``."""
         eval_dir = out_dir / "eval"
         monai.bundle.run(
             "inference",
@@ -193,7 +194,7 @@ class ExperimentRunner:
         summary_file = out_dir / "train" / "training_summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         checkpoint = out_dir / "models" / "model.pt"
-        scores = self._infer_and_evaluate(variant, out_dir, [], {"ckpt_path": str(checkpoint)})
+        scores = self.infer_and_evaluate(variant, out_dir, [], {"ckpt_path": str(checkpoint)})
         result = {
             "variant": variant,
             "seed": seed,
@@ -222,7 +223,7 @@ class ExperimentRunner:
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         print(f"\n=== {variant}: top-{k} ensemble of seeds {seeds} ({self.ensemble_mode}) ===", flush=True)
-        scores = self._infer_and_evaluate(
+        scores = self.infer_and_evaluate(
             variant,
             out_dir,
             ["configs/ensemble.json"],
