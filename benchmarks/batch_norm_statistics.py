@@ -10,8 +10,11 @@ training, then drawn uniformly (``configs/variants/study/sampling_uniform.json``
 Usage (from the repository root)::
 
     python benchmarks/batch_norm_statistics.py --instance runs/b1/30min/platelet/study/norm_batch/seed000 \\
-        --dataset platelet --arm study/norm_batch --batches 100 \\
+        --dataset platelet --arm study/norm_batch --batches 100 --seed 0 \\
         --output benchmarks/results/batch_norm_statistics_platelet.json
+
+The instance comes from ``python benchmarks/recipe_study.py run --datasets "['platelet']" --arms
+"['study/norm_batch']" --seeds 1 --max_minutes 30 --workdir runs/b1``; ``--seed`` draws other windows.
 """
 
 from __future__ import annotations
@@ -32,19 +35,22 @@ BUNDLE = REPO / "bundle"
 sys.path[:0] = [str(BUNDLE), str(REPO), str(Path(__file__).resolve().parent)]
 from provenance import write_report  # noqa: E402
 from recipe_study import DATASETS, study_runner  # noqa: E402
+
 from tools.experiments import variant_files  # noqa: E402
 from tools.tables import markdown_table  # noqa: E402
 
 UNIFORM_WINDOWS = "study/sampling_uniform"
 
 
-def reestimate(checkpoint: Path, config_files: list[str], common: dict, batches: int, destination: Path) -> Path:
+def reestimate(
+    checkpoint: Path, config_files: list[str], common: dict, batches: int, destination: Path, seed: int = 0
+) -> Path:
     """Load ``checkpoint`` into the training config's network, average its batch-norm statistics over ``batches``
-    batches of that config's training windows, and save it as ``destination``."""
+    batches of that config's training windows (drawn with random ``seed``), and save it as ``destination``."""
     parser = ConfigParser()
     parser.read_config(config_files)
     parser.update({**common, "num_workers": 0})
-    set_determinism(0)  # the same windows for every checkpoint re-estimated
+    set_determinism(seed)
     network = parser.get_parsed_content("network_def")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     network.load_state_dict(state.get("model", state))
@@ -61,6 +67,7 @@ def main(
     dataset: str = "platelet",
     arm: str = "study/norm_batch",
     batches: int = 100,
+    seed: int = 0,
     output: str = "benchmarks/results/batch_norm_statistics.json",
 ) -> dict:
     """Evaluate ``instance``'s checkpoint with stored and re-estimated batch-norm statistics; print and write them.
@@ -71,6 +78,7 @@ def main(
         dataset: the data set it was trained on (a key of ``recipe_study.DATASETS``).
         arm: the arm it was trained with (its variant files are applied, as in training).
         batches: training batches averaged per re-estimation.
+        seed: random seed of the windows drawn (the same for both re-estimations).
         output: JSON report (relative paths start at the repository root).
     """
     instance_dir = Path(instance).resolve()
@@ -86,7 +94,7 @@ def main(
     checkpoints = {
         "stored (moving averages)": checkpoint,
         "re-estimated, training windows": reestimate(
-            checkpoint, training_files, runner.common, batches, work / "training_windows" / "model.pt"
+            checkpoint, training_files, runner.common, batches, work / "training_windows" / "model.pt", seed
         ),
         "re-estimated, uniform windows": reestimate(
             checkpoint,
@@ -94,6 +102,7 @@ def main(
             runner.common,
             batches,
             work / "uniform_windows" / "model.pt",
+            seed,
         ),
     }
     rows = []
@@ -108,10 +117,11 @@ def main(
                 **iou,
             }
         )
-    print(f"\n{dataset}, {arm}, {instance_dir.name}, {batches} batches per re-estimation:\n")
+    print(f"\n{dataset}, {arm}, {instance_dir.name}, {batches} batches per re-estimation, window seed {seed}:\n")
     print(markdown_table(rows))
     write_report(
-        {"instance": str(instance_dir), "dataset": dataset, "arm": arm, "batches": batches, "rows": rows}, REPO / output
+        {"instance": str(instance_dir), "dataset": dataset, "arm": arm, "batches": batches, "seed": seed, "rows": rows},
+        REPO / output,
     )
     return {"rows": rows}
 

@@ -97,16 +97,16 @@ def test_default_recipe_beats_untrained_and_finds_organelles(platelet_run):
     assert found, objects  # at least one mitochondrion, alpha granule or vessel found (recall > 0.8)
 
 
-@pytest.mark.xdist_group("platelet_run")  # one training for the module-scoped fixture
-@pytest.mark.slow
-def test_bf16_inference_agrees_with_float32_on_real_em(platelet_run):
-    """The accuracy guard of precision "auto": bf16 labels agree with float32 on >= 99.5 % of the voxels of the real
-    platelet slice, and validation MIoU moves by less than 0.005."""
-    root, common = platelet_run["root"], platelet_run["common"]
+def test_bf16_inference_agrees_with_float32_on_real_em(tmp_path):
+    """The accuracy guard of precision "auto": with the shipped weights, bf16 labels agree with float32 on >= 99.5 %
+    of the voxels of the real platelet slice, and validation MIoU moves by less than 0.005. (Not the 2.5-minute
+    fixture's weights: 0.09 % of its voxels flipping once moved a barely-learnt class's IoU and MIoU(all) by 0.087.)"""
+    require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    root, common = tmp_path, {"dataset_dir": str(SAMPLE_DATA)}
     labels, scores = {}, {}
     for precision in ("float32", "bf16"):
         scores[precision] = _infer_and_evaluate(
-            root, common, root / "models" / "model.pt", precision, {"precision": precision}
+            root, common, BUNDLE / "models" / "model.pt", precision, {"precision": precision}
         )
         labels[precision] = _pages(root / precision / "50-slice0-image_seg.tif")
     agreement = float((labels["float32"] == labels["bf16"]).mean())
