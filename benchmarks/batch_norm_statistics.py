@@ -108,7 +108,10 @@ def main(
     rows = []
     for (name, path), out_dir in zip(checkpoints.items(), ("stored", "training_windows", "uniform_windows")):
         scores = runner.infer_and_evaluate(arm, work / out_dir, [], {"ckpt_path": str(path)})
-        iou = {f"iou {c}": round(v["iou"], 4) for c, v in scores["per_class"].items() if v["iou"] == v["iou"]}
+        # every class in every row: "n/a" where it is neither in the ground truth nor predicted (IoU NaN)
+        iou = {
+            f"iou {c}": round(v["iou"], 4) if v["iou"] == v["iou"] else "n/a" for c, v in scores["per_class"].items()
+        }
         rows.append(
             {
                 "statistics": name,
