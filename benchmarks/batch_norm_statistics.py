@@ -54,9 +54,15 @@ def reestimate(
     network = parser.get_parsed_content("network_def")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     network.load_state_dict(state.get("model", state))
-    windows = (batch["image"] for batch in itertools.cycle(parser.get_parsed_content("train#dataloader")))
+    loader = parser.get_parsed_content("train#dataloader")
+
+    def windows():  # new windows on every pass (an epoch may hold only a few batches: 16 windows per volume)
+        while True:
+            for batch in loader:
+                yield batch["image"]
+
     with torch.no_grad():
-        update_bn(itertools.islice(windows, batches), network)
+        update_bn(itertools.islice(windows(), batches), network)
     destination.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": network.state_dict()}, destination)
     return destination
