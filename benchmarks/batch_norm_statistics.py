@@ -20,6 +20,7 @@ The instance comes from ``python benchmarks/recipe_study.py run --datasets "['pl
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ sys.path[:0] = [str(BUNDLE), str(REPO), str(Path(__file__).resolve().parent)]
 from provenance import write_report  # noqa: E402
 from recipe_study import DATASETS, study_runner  # noqa: E402
 
+from scripts.checkpoints import save_atomically  # noqa: E402
+from scripts.io import load_weights  # noqa: E402
 from tools.experiments import variant_files  # noqa: E402
 from tools.tables import markdown_table  # noqa: E402
 
@@ -51,9 +54,7 @@ def reestimate(
     parser.read_config(config_files)
     parser.update({**common, "num_workers": 0})
     set_determinism(seed)
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("model", state))
+    network = load_weights(parser.get_parsed_content("network_def"), checkpoint)
     loader = parser.get_parsed_content("train#dataloader")
 
     def windows():  # new windows on every pass (an epoch may hold only a few batches: 16 windows per volume)
@@ -63,8 +64,7 @@ def reestimate(
 
     with torch.no_grad():
         update_bn(itertools.islice(windows(), batches), network)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict()}, destination)
+    save_atomically({"model": network.state_dict()}, destination)
     return destination
 
 
@@ -97,26 +97,22 @@ def main(
     work = instance_dir / "batch_norm"
     runner = study_runner(dataset, work, None, max_minutes=0)
     training_files = ["configs/train.json", *variant_files(arm, runner.dataset_files)]
-    checkpoints = {
-        "stored (moving averages)": checkpoint,
-        "re-estimated, training windows": reestimate(
-            checkpoint, training_files, runner.common, batches, work / "training_windows" / "model.pt", seed
-        ),
-        "re-estimated, uniform windows": reestimate(
-            checkpoint,
-            [*training_files, f"configs/variants/{UNIFORM_WINDOWS}.json"],
-            runner.common,
-            batches,
-            work / "uniform_windows" / "model.pt",
-            seed,
-        ),
-    }
+    uniform = [*training_files, f"configs/variants/{UNIFORM_WINDOWS}.json"]
     rows = []
-    for (name, path), out_dir in zip(checkpoints.items(), ("stored", "training_windows", "uniform_windows")):
-        scores = runner.infer_and_evaluate(arm, work / out_dir, [], {"ckpt_path": str(path)})
+    for name, folder, files in (
+        ("stored (moving averages)", "stored", None),
+        ("re-estimated, training windows", "training_windows", training_files),
+        ("re-estimated, uniform windows", "uniform_windows", uniform),
+    ):
+        path = (
+            checkpoint
+            if files is None
+            else reestimate(checkpoint, files, runner.common, batches, work / folder / "model.pt", seed)
+        )
+        scores = runner.infer_and_evaluate(arm, work / folder, [], {"ckpt_path": str(path)})
         # every class in every row: "n/a" where it is neither in the ground truth nor predicted (IoU NaN)
         iou = {
-            f"iou {c}": round(v["iou"], 4) if v["iou"] == v["iou"] else "n/a" for c, v in scores["per_class"].items()
+            f"iou {c}": "n/a" if math.isnan(v["iou"]) else round(v["iou"], 4) for c, v in scores["per_class"].items()
         }
         rows.append(
             {
