@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, RandAffined
 
-from conftest import require_data
+from conftest import BUNDLE, require_data
 from scripts.augmentation import RandBrightnessContrastd, RandSectionElasticd
 from scripts.section_defects import RandCutBlurd, RandMissingSectiond, RandSectionBlurd, RandSectionShiftd
 
@@ -230,3 +231,35 @@ def test_elastic_on_a_real_em_crop_keeps_labels_binary_and_aligned():
         assert after > 0.8 * before
         # a label displaced by 3 voxels against the same image loses most of the contrast: alignment is what counts
         assert after > 1.5 * contrast(out["image"], torch.roll(out["label"], shifts=(3, 3), dims=(1, 2)))
+
+
+def test_configured_rotation_and_scaling_keep_real_em_labels_aligned():
+    """train.json's RandAffined (``affine_prob``, on in ``study/augment_strong``) turns and scales image, label and
+    weight map together in xy, each section alike, and keeps labels integer."""
+    images, labels = require_data("isbi2012/images.tif", "isbi2012/labels.tif")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "variants/study/augment_strong.json")])
+    parser.update({"bundle_root": str(BUNDLE), "affine_prob": 1.0})
+    (affine,) = [t for t in parser.get_parsed_content("augmentation") if isinstance(t, RandAffined)]
+    loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
+    crop = (slice(None), slice(200, 328), slice(100, 228), slice(5, 8))
+    image, label = loader(images)[crop], loader(labels)[crop]
+    data = {"image": image, "label": label, "weight": label + 1.0}
+
+    def contrast(image, label):
+        return float(image[label == 0].mean() - image[label == 1].mean())
+
+    before = contrast(image, label)
+    for seed in range(3):
+        out = affine.set_random_state(seed)(data)
+        assert out["label"].shape == (1, 128, 128, 3)
+        assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(out["weight"], out["label"] + 1.0), "the weight map moved apart from the label"
+        assert (out["label"] != label).float().mean() > 0.05, "the transform did not move the data"
+        after = contrast(out["image"], out["label"])
+        assert after > 0.8 * before
+        assert after > 1.5 * contrast(out["image"], torch.roll(out["label"], shifts=(3, 3), dims=(1, 2)))
+        # one rotation for every section: the label's change between sections is what it was, give or take
+        for z in range(2):
+            moved = (out["label"][..., z] != out["label"][..., z + 1]).float().mean()
+            assert abs(moved - (label[..., z] != label[..., z + 1]).float().mean()) < 0.05

@@ -57,8 +57,12 @@ def test_variant_trains_two_steps_and_infers_on_isbi(variant, tmp_path):
     assert seg.shape == (20, 512, 512) and set(np.unique(seg)) <= {0, 1}
 
 
-def test_em_defect_augmentations_switch_on_through_the_config(tmp_path):
-    """Missing section, misalignment, section blur and CutBlur, all switched on, train on real ISBI windows."""
+EM_DEFECTS = ("missing_section", "section_shift", "section_blur", "cutblur")
+
+
+def test_optional_augmentations_switch_on_through_the_config(tmp_path):
+    """The EM defects (missing section, misalignment, section blur, CutBlur) and the rotation, scaling, gamma and noise
+    of ``study/augment_strong``, all switched on, train on real ISBI windows of 5 sections."""
     require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     overrides = {
         "dataset_dir": str(SAMPLE_DATA),
@@ -71,7 +75,7 @@ def test_em_defect_augmentations_switch_on_through_the_config(tmp_path):
         "batch_size": 1,
         "max_epochs": 1,
         "val_interval": 2,
-        **{f"{name}_prob": 1.0 for name in ("missing_section", "section_shift", "section_blur", "cutblur")},
+        **{f"{name}_prob": 1.0 for name in (*EM_DEFECTS, "affine", "gamma", "noise")},
     }
     bundle_run("training", ["configs/train.json", "configs/variants/isbi2012.json"], overrides)
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 2
