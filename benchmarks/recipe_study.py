@@ -81,8 +81,13 @@ def study_runner(dataset: str, workdir: Path, data_dir: Path | None, max_minutes
     )
 
 
-def _jobs(datasets: Sequence[str], arms: Sequence[str], seeds: int) -> list[tuple[str, str, int]]:
-    return [(d, a, s) for s in range(seeds) for d in datasets for a in arms]
+def _jobs(datasets: Sequence[str], arms: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, str, int]]:
+    return [(d, a, s) for s in seeds for d in datasets for a in arms]
+
+
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """Seeds ``0 .. seeds - 1`` for a count, or the seeds listed."""
+    return list(range(seeds)) if isinstance(seeds, int) else [int(seed) for seed in seeds]
 
 
 def _available(datasets: Sequence[str], data_dir: Path | None) -> list[str]:
@@ -103,7 +108,7 @@ def worker(
     workers: int,
     datasets: Sequence[str],
     arms: Sequence[str],
-    seeds: int,
+    seeds: Sequence[int],
     max_minutes: float,
     workdir: str,
     data_dir: str,
@@ -120,7 +125,7 @@ def worker(
 def run(
     datasets: Sequence[str] = tuple(DATASETS),
     arms: Sequence[str] = tuple(DEFAULT_ARMS),
-    seeds: int = 2,
+    seeds: int | Sequence[int] = 2,
     max_minutes: float = 5.0,
     workers: int = 2,
     workdir: str = "runs/recipe_study",
@@ -132,7 +137,7 @@ def run(
     Args:
         datasets: names of ``DATASETS``; those absent from ``data_dir`` are skipped with a message.
         arms: ``hybrid`` (the default recipe) or variant names (``monai_unet_baseline``, ``study/norm_batch``).
-        seeds: seeds per arm and data set.
+        seeds: seeds per arm and data set (``2``: seeds 0 and 1), or the seeds to train (``"[1]"``).
         max_minutes: training budget of every arm (validation at the end comes on top).
         workers: arms trained at once, one thread each (this machine's cores).
         workdir: the study's runs, per budget (``<workdir>/<max_minutes>min/<data set>/<arm>/seed<k>``).
@@ -154,7 +159,7 @@ def run(
     processes = [
         subprocess.Popen(
             [sys.executable, __file__, "worker", str(k), str(workers), json.dumps(datasets), json.dumps(arms)]
-            + [str(seeds), str(max_minutes), str(budget_dir), str(data_path or "")],
+            + [json.dumps(seed_list(seeds)), str(max_minutes), str(budget_dir), str(data_path or "")],
             env=env,
         )
         for k in range(workers)

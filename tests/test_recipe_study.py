@@ -86,3 +86,10 @@ def test_the_baseline_arm_is_the_plain_monai_recipe_of_the_issue():
     assert (parser["warmup_steps"], parser["lr_power"], parser["precision"]) == (0, 0.0, "float32")
     active = {type(t).__name__ for t in parser.get_parsed_content("augmentation") if getattr(t, "prob", 1.0) > 0}
     assert active == {"RandFlipd", "RandRotate90d"}
+
+
+def test_seeds_are_a_count_or_a_list_and_every_job_is_one_data_set_arm_and_seed():
+    assert recipe_study.seed_list(2) == [0, 1]
+    assert recipe_study.seed_list([3, "1"]) == [3, 1]
+    jobs = recipe_study._jobs(["platelet", "isbi2012"], ["hybrid"], recipe_study.seed_list([1]))
+    assert jobs == [("platelet", "hybrid", 1), ("isbi2012", "hybrid", 1)]
