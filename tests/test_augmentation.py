@@ -207,6 +207,11 @@ def test_numpy_input_stays_numpy():
     assert isinstance(out["label"], np.ndarray) and out["label"].dtype == data["label"].dtype
 
 
+def contrast(image, label) -> float:
+    """Mean intensity of cell interior (label 0) minus that of membrane (label 1, dark in ISBI 2012)."""
+    return float(image[label == 0].mean() - image[label == 1].mean())
+
+
 def test_elastic_on_a_real_em_crop_keeps_labels_binary_and_aligned():
     images, labels = require_data("isbi2012/images.tif", "isbi2012/labels.tif")
     loader = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
@@ -214,10 +219,6 @@ def test_elastic_on_a_real_em_crop_keeps_labels_binary_and_aligned():
     assert image.shape == (1, 512, 512, 20) and label.shape == (1, 512, 512, 20)
     crop = (slice(None), slice(200, 328), slice(100, 228), slice(5, 10))
     data = {"image": image[crop], "label": label[crop]}
-
-    def contrast(image, label):
-        """Mean intensity of cell interior (label 0) minus that of membrane (label 1, dark in this data)."""
-        return float(image[label == 0].mean() - image[label == 1].mean())
 
     before = contrast(data["image"], data["label"])
     assert before > 30.0
@@ -245,9 +246,6 @@ def test_configured_rotation_and_scaling_keep_real_em_labels_aligned():
     crop = (slice(None), slice(200, 328), slice(100, 228), slice(5, 8))
     image, label = loader(images)[crop], loader(labels)[crop]
     data = {"image": image, "label": label, "weight": label + 1.0}
-
-    def contrast(image, label):
-        return float(image[label == 0].mean() - image[label == 1].mean())
 
     before = contrast(image, label)
     for seed in range(3):

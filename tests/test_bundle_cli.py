@@ -105,14 +105,9 @@ def test_bf16_inference_agrees_with_float32_on_real_em(tmp_path):
     root, common = tmp_path, {"dataset_dir": str(SAMPLE_DATA)}
     labels, scores = {}, {}
     for precision in ("float32", "bf16"):
-        scores[precision] = _infer_and_evaluate(
-            # the training window: smaller ones cost the instance-normalised network accuracy in both precisions
-            root,
-            common,
-            BUNDLE / "models" / "model.pt",
-            precision,
-            {"precision": precision, "infer_window": [256, 256, 1]},
-        )
+        # at the training window: smaller ones cost the instance-normalised network accuracy in both precisions
+        overrides = {"precision": precision, "infer_window": [256, 256, 1]}
+        scores[precision] = _infer_and_evaluate(root, common, BUNDLE / "models" / "model.pt", precision, overrides)
         labels[precision] = _pages(root / precision / "50-slice0-image_seg.tif")
     agreement = float((labels["float32"] == labels["bf16"]).mean())
     print(
