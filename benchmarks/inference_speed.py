@@ -220,7 +220,7 @@ def _validation_miou(pred: np.ndarray, labels: np.ndarray, parser: ConfigParser)
 def equal_accuracy(window: tuple, overlap: float) -> dict:
     """The shipped model on the real slice: MONAI's sliding window with its training window vs block-wise."""
     network, parser = _shipped_model()
-    train_window = parser["infer_window"]  # the shipped model's training window (256, 256, 1)
+    train_window = parser["train_window"]
     image, labels = _platelet_stack(1)
     normalised = torch.from_numpy((image - image.mean()) / image.std()).float()[None, None]
     monai_default = SlidingWindowInferer(train_window, sw_batch_size=1, overlap=0.25, mode="gaussian")

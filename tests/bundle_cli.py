@@ -23,9 +23,7 @@ SMALL = {**TINY, "network_def#features": 16, "windows_per_volume": 20, "val_inte
 
 # keys of train.json that inference.json lacks: tests that share one dict of settings drop them for inference (an
 # unknown key is an error)
-TRAINING_ONLY = {
-    "train_window", "val_window", "windows_per_volume", "batch_size", "max_epochs", "val_interval", "learning_rate"
-}  # fmt: skip
+TRAINING_ONLY = {"val_window", "windows_per_volume", "batch_size", "max_epochs", "val_interval", "learning_rate"}
 
 # two processes on one machine, as `torchrun --standalone --nproc_per_node=2` starts them (gloo on a CPU)
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -8,11 +8,12 @@ import monai
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from bundle_cli import TINY, bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.networks import HybridUNet2D3D
-from scripts.preflight import check_overrides
+from scripts.preflight import check_overrides, check_window_size
 
 
 def _write_pages(path, pages):
@@ -229,3 +230,26 @@ def test_window_larger_than_volume_is_padded(real_pair):
     overrides.update(dataset_dir=str(tmp_path), datalist=str(tmp_path / "datalist.json"), ckpt_dir=str(tmp_path / "m"))
     bundle_run("training", ["configs/train.json"], {**overrides, "output_dir": str(tmp_path / "eval")})
     assert (tmp_path / "m" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("norm, warns", [("instance", True), ("group", True), ("batch", False), (None, False)])
+def test_window_smaller_than_the_training_window_warns_for_per_window_normalisation(norm, warns, caplog):
+    network = HybridUNet2D3D(1, 3, features=8, num_scales=2, norm=norm)
+    check_window_size([128, 256, 1], [256, 256, 1], network, "infer_window")
+    message = "--infer_window [128, 256, 1] is smaller in x or y than the training window [256, 256, 1]"
+    assert (message in caplog.text) is warns, caplog.text
+    caplog.clear()
+    check_window_size([256, 320, 5], [256, 256, 1], network, "infer_window")  # as large in x and y: no warning
+    assert not caplog.text
+
+
+def test_training_warns_before_it_starts_when_validation_windows_are_smaller(tmp_path, caplog):
+    """train.json's pre-flight passes both windows: validating the real platelet rows on 128 x 128 windows warns."""
+    require_data("platelet/50-slice0-image.tif", "platelet/50-slice0-labels.tif")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE), "ckpt_dir": str(tmp_path / "m"), "output_dir": str(tmp_path / "e")})
+    parser["val_window"] = [128, 128, 1]
+    parser.get_parsed_content("preflight")
+    assert "--val_window [128, 128, 1] is smaller in x or y than the training window [256, 256, 1]" in caplog.text
+    assert "--train_window" not in caplog.text  # the hint for inference of another checkpoint is not given here

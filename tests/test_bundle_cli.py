@@ -54,7 +54,7 @@ def _infer_and_evaluate(root, common, ckpt, name, extra=None):
     bundle_run(
         "inference",
         ["configs/inference.json"],
-        {**out, "ckpt_path": str(ckpt), "network_def#features": 16, "infer_window": [192, 192, 1], **(extra or {})},
+        {**out, "ckpt_path": str(ckpt), "network_def#features": 16, **(extra or {})},
     )
     bundle_run("evaluating", ["configs/evaluate.json"], out)
     return json.loads((root / name / "metrics.json").read_text())["mean"]
@@ -105,8 +105,7 @@ def test_bf16_inference_agrees_with_float32_on_real_em(tmp_path):
     root, common = tmp_path, {"dataset_dir": str(SAMPLE_DATA)}
     labels, scores = {}, {}
     for precision in ("float32", "bf16"):
-        # at the training window: smaller ones cost the instance-normalised network accuracy in both precisions
-        overrides = {"precision": precision, "infer_window": [256, 256, 1]}
+        overrides = {"precision": precision}
         scores[precision] = _infer_and_evaluate(root, common, BUNDLE / "models" / "model.pt", precision, overrides)
         labels[precision] = _pages(root / precision / "50-slice0-image_seg.tif")
     agreement = float((labels["float32"] == labels["bf16"]).mean())
