@@ -3,7 +3,8 @@
 Runs the bundle's own CLI (``python -m monai.bundle run ...``) exactly as a user would, from the bundle root.
 Uses the real platelet SBF-SEM slice that ships in the repository's ``sample_data/``.
 
-Usage (from the repository root; relative paths start at ``bundle/``): ``python -m tools.demo --workdir ../runs/demo``
+Usage (from the repository root; relative paths start at ``bundle/``):
+``python -m tools.demo --workdir ../runs/demo [--seed N] [--max_minutes M]``
 """
 
 from __future__ import annotations
@@ -34,20 +35,22 @@ def _bundle_run(run_id: str, config_files: list[str], overrides: dict) -> None:
     subprocess.run(command, cwd=BUNDLE_ROOT, check=True)
 
 
-def main(workdir: str = "../runs/demo") -> None:
+def main(workdir: str = "../runs/demo", seed: int = 0, max_minutes: float | None = None) -> None:
     """Train on the platelet slice, segment it, print metrics and write a picture.
 
     Args:
         workdir: where checkpoints, predictions, metrics and the picture go (relative to ``bundle/``).
+        seed: the training run's random seed (windows, augmentation, initial weights).
+        max_minutes: the training budget; None keeps the demo variant's 5 minutes.
     """
     start = time.time()
     workdir = (BUNDLE_ROOT / workdir).resolve()
     datalist, dataset_dir = BUNDLE_ROOT / "configs" / "datalists" / "platelet.json", data_root("platelet")
     print(f"real EM: platelet SBF-SEM slice from {dataset_dir / 'platelet'}")
     common = {"dataset_dir": dataset_dir, "datalist": datalist, "output_dir": workdir / "eval"}
-    _bundle_run(
-        "training", ["configs/train.json", DEMO_VARIANT], {**common, "ckpt_dir": workdir / "models", "overwrite": True}
-    )
+    budget = {} if max_minutes is None else {"max_minutes": max_minutes}
+    training = {**common, **budget, "seed": seed, "ckpt_dir": workdir / "models", "overwrite": True}
+    _bundle_run("training", ["configs/train.json", DEMO_VARIANT], training)
     _bundle_run(
         "inference", ["configs/inference.json", DEMO_VARIANT], {**common, "ckpt_path": workdir / "models" / "model.pt"}
     )
