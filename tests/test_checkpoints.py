@@ -14,8 +14,12 @@ from scripts.checkpoints import BestCheckpoint, TrainingCheckpoint
 from scripts.io import InputError, load_weights
 from scripts.networks import HybridUNet2D3D
 
-# 2 steps an epoch on the platelet volume, long enough (about 0.3 s a step) to be killed mid-run
-RESUMABLE = {**TINY, "train_window": [192, 192, 1], "max_epochs": 14, "save_minutes": 0, "val_interval": 10}
+# 2 steps an epoch on the platelet volume, long enough (about 0.3 s a step) to be killed mid-run; with a weight
+# average, the most state to restore
+RESUMABLE = {
+    **TINY, "train_window": [192, 192, 1], "max_epochs": 14, "save_minutes": 0, "val_interval": 10,
+    "weight_average_decay": 0.99,
+}  # fmt: skip
 
 
 def _platelet(tmp_path, name):
@@ -57,8 +61,9 @@ def test_training_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_r
     assert "resuming" in resumed.stdout
     whole, again = (torch.load(tmp_path / name / "model_last.pt", weights_only=True) for name in ("whole", "killed"))
     assert again["trainer"]["iteration"] == whole["trainer"]["iteration"] == 2 * RESUMABLE["max_epochs"]
-    for key, value in whole["model"].items():
-        assert torch.equal(value, again["model"][key]), f"{key} differs after the resume"
+    for part in ("model", "averaged"):
+        for key, value in whole[part].items():
+            assert torch.equal(value, again[part][key]), f"{part} {key} differs after the resume"
     assert whole["best"] == again["best"]
     assert not list((tmp_path / "killed").glob(".*partial*"))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.handlers import MinimumMetricStopper, ValidateAtEnd
+from scripts.handlers import MinimumMetricStopper, ValidateAtEnd, WeightAverage
 
 
 def _trainer(epochs: int, iterations_per_epoch: int = 2) -> Engine:
@@ -99,3 +99,39 @@ def test_step_decay_is_the_papers():
     assert [schedule.factor(s, 10) for s in (0, 2511, 2512, 5024)] == [1.0, 1.0, 0.75, 0.75**2]
     with pytest.raises(ValueError, match="decay must be"):
         WarmupPolyLR(optimizer, decay="cosine")
+
+
+def test_weight_average_follows_the_trained_weights_with_its_warm_up():
+    """Each step moves the average a (1 - d) share towards the trained weights, d = min(decay, (1 + t) / (10 + t));
+    batch-norm statistics are averaged, the batch counter copied."""
+    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(network, decay=0.9)
+    start = average.averaged[0].weight.clone()
+    updates = []
+
+    def step(engine, batch):  # a training step: the weights move by a known amount
+        with torch.no_grad():
+            network[0].weight.add_(1.0)
+            network[1].running_mean.add_(1.0)
+            network[1].num_batches_tracked.add_(1)
+        updates.append(network[0].weight.clone())
+
+    trainer = Engine(step)
+    average.attach(trainer)
+    trainer.run([0] * 30, max_epochs=1)
+    expected = start
+    for t, trained in enumerate(updates, start=1):
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * trained
+    torch.testing.assert_close(average.averaged[0].weight, expected)
+    assert not torch.allclose(average.averaged[0].weight, network[0].weight)  # it lags the trained weights
+    assert 0 < float(average.averaged[1].running_mean[0]) < 30  # averaged, not copied (the trained value is 30)
+    assert int(average.averaged[1].num_batches_tracked) == 30
+    assert not any(p.requires_grad for p in average.averaged.parameters())
+
+
+def test_weight_average_off_is_the_trained_network_itself():
+    network = torch.nn.Linear(3, 2)
+    assert WeightAverage(network, decay=None).averaged is network
+    with pytest.raises(ValueError, match="weight_average_decay must be in"):
+        WeightAverage(network, decay=1.0)

@@ -90,12 +90,12 @@ def _random_sources(roots: Sequence[object]) -> list[Randomizable]:
 class TrainingCheckpoint:
     """Keep the whole training state in ``<save_dir>/model_last.pt``, and resume from it.
 
-    The state (model, optimizer, step, epoch, training seconds, the validator's best metric, and every random
-    generator the windows and augmentations draw from) is written atomically at the end of an epoch once
-    ``save_minutes`` have passed since the last save, and when training completes; never when it fails, and never
-    with NaN weights (a diverged run stops with an error instead). With ``resume`` the state is loaded when the
-    handler is attached, so that the run continues from the next epoch and, on a CPU, ends with the same weights as
-    an uninterrupted run. Under torch.distributed only rank 0 saves, and the other ranks keep their own random state.
+    The state (model, optimizer, step, epoch, training seconds, the validator's best metric, the weight average if
+    any, and every random generator the windows and augmentations draw from) is written atomically at the end of an
+    epoch once ``save_minutes`` have passed since the last save, and when training completes; never when it fails,
+    and never with NaN weights (a diverged run stops with an error instead). With ``resume`` the state is loaded when
+    the handler is attached, so that the run continues from the next epoch and, on a CPU, ends with the same weights
+    as an uninterrupted run. Under torch.distributed only rank 0 saves, and the other ranks keep their own random state.
 
     Args:
         save_dir: the run's ``ckpt_dir``.
@@ -106,6 +106,7 @@ class TrainingCheckpoint:
         resume: load the saved state before training starts.
         save_minutes: minimum minutes between two saves (0: every epoch).
         filename: the checkpoint's name in ``save_dir``.
+        averaged: the running average of the weights (``scripts.handlers.WeightAverage``), if one is kept.
     """
 
     def __init__(
@@ -118,9 +119,11 @@ class TrainingCheckpoint:
         resume: bool = False,
         save_minutes: float = 5.0,
         filename: str = "model_last.pt",
+        averaged: torch.nn.Module | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.network = network
+        self.averaged = averaged
         self.optimizer = optimizer
         self.validator = validator
         self.random_sources = list(random_sources)
@@ -171,6 +174,8 @@ class TrainingCheckpoint:
                 "transforms": [_numpy_state(source.R.get_state()) for source in _random_sources(self.random_sources)],
             },
         }
+        if self.averaged is not None:
+            state["averaged"] = _model_state(self.averaged, str(self.path))
         if self.validator is not None:
             state["best"] = {
                 "metric": float(self.validator.state.best_metric),
@@ -190,7 +195,14 @@ class TrainingCheckpoint:
                 f"--resume True: {self.path} finished its {state['trainer']['epoch']} epochs already: raise "
                 "--max_epochs to train on"
             )
+        if (self.averaged is not None) != ("averaged" in state):
+            raise InputError(
+                f"--resume True: {self.path} was saved {'with' if 'averaged' in state else 'without'} a weight "
+                "average (weight_average_decay): resume with the same config files and overrides"
+            )
         _unwrapped(self.network).load_state_dict(state["model"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         self.optimizer.load_state_dict(state["optimizer"])
         trainer.state.epoch = state["trainer"]["epoch"]
         trainer.state.iteration = state["trainer"]["iteration"]

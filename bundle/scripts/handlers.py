@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -64,6 +65,42 @@ class ValidateAtEnd:
     def __call__(self, trainer: Engine) -> None:
         if trainer.state.iteration % self.interval != 0:
             self.validator.run(trainer.state.epoch)
+
+
+class WeightAverage:
+    """An exponential moving average of the trained weights (Polyak averaging), validated and saved in their place.
+
+    After every step ``average = d * average + (1 - d) * weights``, with ``d = min(decay, (1 + t) / (10 + t))`` at
+    step ``t``: the first steps' weights fade fast (the warm-up of timm's ``ModelEmaV2``). Floating-point buffers
+    (batch-norm statistics) are averaged alike, the others copied. Attach to the trainer before the validation
+    handler, so that a validation sees the step it follows.
+
+    Args:
+        network: the trained network (a ``DistributedDataParallel`` wrapper is averaged without it).
+        decay: the largest decay a step; None or 0 turns averaging off, and ``averaged`` is ``network`` itself.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float | None = None) -> None:
+        if decay is not None and not 0.0 <= decay < 1.0:
+            raise ValueError(f"weight_average_decay must be in [0, 1) or null, got {decay}")
+        self.decay = decay or 0.0
+        self.network = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+        self.averaged = copy.deepcopy(self.network).requires_grad_(False) if self.decay else network
+
+    def attach(self, trainer: Engine) -> None:
+        if self.decay:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, trainer: Engine) -> None:
+        step = trainer.state.iteration
+        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
+        averaged, trained = self.averaged.state_dict(), self.network.state_dict()
+        floats = [name for name, value in averaged.items() if value.is_floating_point()]
+        torch._foreach_lerp_([averaged[n] for n in floats], [trained[n] for n in floats], weight)
+        for name, value in averaged.items():
+            if not value.is_floating_point():
+                value.copy_(trained[name])
 
 
 class TimeLimit:
