@@ -105,7 +105,7 @@ def test_weight_average_follows_the_trained_weights_with_its_warm_up():
     """Each step moves the average a (1 - d) share towards the trained weights, d = min(decay, (1 + t) / (10 + t));
     batch-norm statistics are averaged, the batch counter copied."""
     network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    average = WeightAverage(network, decay=0.9)
+    average = WeightAverage(network, WeightAverage.averaged_copy(network, 0.9), decay=0.9)
     start = average.averaged[0].weight.clone()
     updates = []
 
@@ -132,6 +132,6 @@ def test_weight_average_follows_the_trained_weights_with_its_warm_up():
 
 def test_weight_average_off_is_the_trained_network_itself():
     network = torch.nn.Linear(3, 2)
-    assert WeightAverage(network, decay=None).averaged is network
+    assert WeightAverage.averaged_copy(network, None) is network
     with pytest.raises(ValueError, match="weight_average_decay must be in"):
-        WeightAverage(network, decay=1.0)
+        WeightAverage.averaged_copy(network, 1.0)

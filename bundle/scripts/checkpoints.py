@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.transforms import Randomizable, Transform
 
-from scripts.distributed import rank_and_world
+from scripts.distributed import rank_and_world, unwrapped
 from scripts.io import InputError, atomic_path, check_weights_fit
 
 
@@ -23,10 +23,6 @@ def inside_monai_label() -> bool:
     """Whether this training runs inside a MONAI Label server: its ``monaibundle`` app fine-tunes the bundle's
     ``models/model.pt`` in place and serves the result, so there the checkpoints go to ``models/``."""
     return "monailabel" in sys.modules
-
-
-def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
 
 def _is_saving_rank() -> bool:
@@ -42,7 +38,7 @@ def save_atomically(content: dict, path: str | Path) -> None:
 
 
 def _model_state(network: torch.nn.Module, what: str) -> dict:
-    state = _unwrapped(network).state_dict()
+    state = unwrapped(network).state_dict()
     bad = [name for name, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
     if bad:
         raise InputError(
@@ -189,7 +185,7 @@ class TrainingCheckpoint:
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if "trainer" not in state:
             raise InputError(f"--resume True: {self.path} holds weights only, not a training state to resume")
-        check_weights_fit(_unwrapped(self.network), state["model"], str(self.path))
+        check_weights_fit(unwrapped(self.network), state["model"], str(self.path))
         if trainer.state.max_epochs is not None and state["trainer"]["epoch"] >= trainer.state.max_epochs:
             raise InputError(
                 f"--resume True: {self.path} finished its {state['trainer']['epoch']} epochs already: raise "
@@ -200,7 +196,7 @@ class TrainingCheckpoint:
                 f"--resume True: {self.path} was saved {'with' if 'averaged' in state else 'without'} a weight "
                 "average (weight_average_decay): resume with the same config files and overrides"
             )
-        _unwrapped(self.network).load_state_dict(state["model"])
+        unwrapped(self.network).load_state_dict(state["model"])
         if self.averaged is not None:
             self.averaged.load_state_dict(state["averaged"])
         self.optimizer.load_state_dict(state["optimizer"])

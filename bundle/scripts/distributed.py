@@ -1,5 +1,6 @@
-"""torch.distributed helpers of block-wise inference under ``torchrun``: join and leave the process group, this
-process's rank and device, and a barrier that is a no-op in a single process."""
+"""torch.distributed helpers of block-wise inference and training under ``torchrun``: join and leave the process
+group, this process's rank and device, the module inside a DDP wrapper, and a barrier that is a no-op in a single
+process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper, or ``network`` itself."""
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
 
 def barrier() -> None:

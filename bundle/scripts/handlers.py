@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.distributed import unwrapped
 from scripts.io import write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class ValidateAtEnd:
 
 
 class WeightAverage:
-    """An exponential moving average of the trained weights (Polyak averaging), validated and saved in their place.
+    """Keep ``averaged`` an exponential moving average of the trained weights (Polyak averaging), to be validated and
+    saved in their place.
 
     After every step ``average = d * average + (1 - d) * weights``, with ``d = min(decay, (1 + t) / (10 + t))`` at
     step ``t``: the first steps' weights fade fast (the warm-up of timm's ``ModelEmaV2``). Floating-point buffers
@@ -77,15 +79,25 @@ class WeightAverage:
 
     Args:
         network: the trained network (a ``DistributedDataParallel`` wrapper is averaged without it).
-        decay: the largest decay a step; None or 0 turns averaging off, and ``averaged`` is ``network`` itself.
+        averaged: the average, made by :meth:`averaged_copy` with the same ``decay``.
+        decay: the largest decay a step; None or 0 turns averaging off.
     """
 
-    def __init__(self, network: torch.nn.Module, decay: float | None = None) -> None:
+    def __init__(self, network: torch.nn.Module, averaged: torch.nn.Module, decay: float | None = None) -> None:
+        self.decay = self._checked(decay)
+        self.network = unwrapped(network)
+        self.averaged = averaged
+
+    @staticmethod
+    def _checked(decay: float | None) -> float:
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"weight_average_decay must be in [0, 1) or null, got {decay}")
-        self.decay = decay or 0.0
-        self.network = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-        self.averaged = copy.deepcopy(self.network).requires_grad_(False) if self.decay else network
+        return decay or 0.0
+
+    @staticmethod
+    def averaged_copy(network: torch.nn.Module, decay: float | None = None) -> torch.nn.Module:
+        """A frozen copy of ``network`` to hold the average, or ``network`` itself when averaging is off."""
+        return copy.deepcopy(unwrapped(network)).requires_grad_(False) if WeightAverage._checked(decay) else network
 
     def attach(self, trainer: Engine) -> None:
         if self.decay:
