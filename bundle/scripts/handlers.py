@@ -85,8 +85,13 @@ class WeightAverage:
 
     def __init__(self, network: torch.nn.Module, averaged: torch.nn.Module, decay: float | None = None) -> None:
         self.decay = self._checked(decay)
-        self.network = unwrapped(network)
         self.averaged = averaged
+        # the tensors themselves, listed once: training and resuming update them in place
+        averaged_state, trained_state = averaged.state_dict(), unwrapped(network).state_dict()
+        floats = [name for name, value in averaged_state.items() if value.is_floating_point()]
+        others = [name for name in averaged_state if name not in floats]
+        self._floats = ([averaged_state[n] for n in floats], [trained_state[n] for n in floats])
+        self._others = [(averaged_state[n], trained_state[n]) for n in others]
 
     @staticmethod
     def _checked(decay: float | None) -> float:
@@ -107,12 +112,9 @@ class WeightAverage:
     def __call__(self, trainer: Engine) -> None:
         step = trainer.state.iteration
         weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
-        averaged, trained = self.averaged.state_dict(), self.network.state_dict()
-        floats = [name for name, value in averaged.items() if value.is_floating_point()]
-        torch._foreach_lerp_([averaged[n] for n in floats], [trained[n] for n in floats], weight)
-        for name, value in averaged.items():
-            if not value.is_floating_point():
-                value.copy_(trained[name])
+        torch._foreach_lerp_(*self._floats, weight)
+        for average, trained in self._others:
+            average.copy_(trained)
 
 
 class TimeLimit:
