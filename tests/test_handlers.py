@@ -135,3 +135,16 @@ def test_weight_average_off_is_the_trained_network_itself():
     assert WeightAverage.averaged_copy(network, None) is network
     with pytest.raises(ValueError, match="weight_average_decay must be in"):
         WeightAverage.averaged_copy(network, 1.0)
+
+
+def test_weight_average_off_accepts_a_data_parallel_network(tmp_path):
+    """Off, the averaged network is the DDP wrapper itself, whose names carry a ``module.`` prefix."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        network = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        average = WeightAverage(network, WeightAverage.averaged_copy(network, None), decay=None)
+        assert average.averaged is network
+        wrapped_on = WeightAverage(network, WeightAverage.averaged_copy(network, 0.9), decay=0.9)
+        assert wrapped_on.averaged is not network and len(wrapped_on.averaged.state_dict()) == 2
+    finally:
+        torch.distributed.destroy_process_group()

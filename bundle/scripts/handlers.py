@@ -86,6 +86,10 @@ class WeightAverage:
     def __init__(self, network: torch.nn.Module, averaged: torch.nn.Module, decay: float | None = None) -> None:
         self.decay = self._checked(decay)
         self.averaged = averaged
+        self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._others: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not self.decay:  # ``averaged`` is then ``network`` itself, perhaps wrapped by DDP
+            return
         # the tensors themselves, listed once: training and resuming update them in place
         averaged_state, trained_state = averaged.state_dict(), unwrapped(network).state_dict()
         floats = [name for name, value in averaged_state.items() if value.is_floating_point()]
