@@ -19,6 +19,7 @@ Usage (from the repository root)::
     python benchmarks/recipe_study.py run --datasets "['platelet','drosophila_vnc']" \\
         --arms "['hybrid','monai_unet_baseline','study/norm_batch']" --seeds 2 --max_minutes 5
     python benchmarks/recipe_study.py tables
+    python benchmarks/recipe_study.py reevaluate tta "{'tta_axes': [0, 1]}"   # the same checkpoints, test-time flips
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle package `scripts` and the tools package
-from scripts.io import atomic_path, data_root, write_csv_atomically  # noqa: E402
+from scripts.io import atomic_path, data_root, write_csv_atomically, write_json_atomically  # noqa: E402
 from tools.experiments import BASE_VARIANT, ExperimentRunner, variant_files  # noqa: E402
 from tools.tables import markdown_table  # noqa: E402
 
@@ -64,7 +65,9 @@ DEFAULT_ARMS = [BASE_VARIANT, BASELINE, "paper_recipe"]
 
 
 def arm_name(arm: str) -> str:
-    return "default" if arm == BASE_VARIANT else arm.replace("study/", "")
+    variant, _, label = arm.partition(":")
+    name = "default" if variant == BASE_VARIANT else variant.replace("study/", "")
+    return f"{name}:{label}" if label else name
 
 
 def study_runner(dataset: str, workdir: Path, data_dir: Path | None, max_minutes: float) -> ExperimentRunner:
@@ -171,6 +174,50 @@ def run(
         raise RuntimeError(f"{len(failed)} worker(s) failed; finished instances are kept, rerun to resume")
 
 
+def reevaluate(
+    label: str,
+    overrides: dict,
+    workdir: str = "runs/recipe_study",
+    data_dir: str | None = None,
+    output: str = "benchmarks/results",
+) -> None:
+    """Evaluate every trained instance under ``workdir`` again with inference ``overrides``, as arm ``<arm>:<label>``.
+
+    The same checkpoints, another way of inferring (``label`` ``no_tta`` with ``"{'tta_axes': []}"``, say): each
+    result goes to ``<budget>/<data set>/<arm>:<label>/seed<k>/`` and the tables show it beside its arm. Resumes
+    like ``run``.
+
+    Args:
+        label: name of the evaluation, appended to the arm's name.
+        overrides: ``inference.json`` keys and values.
+        workdir, data_dir, output: as for ``run``.
+    """
+    if not label or ":" in label or "/" in label:
+        raise ValueError(f"label must be a plain name (no ':' or '/'), got {label!r}")
+    root = (REPO / workdir).resolve()
+    os.chdir(BUNDLE)
+    for result_file in sorted(root.glob("*min/*/**/seed*/result.json")):
+        trained = json.loads(result_file.read_text())
+        if ":" in trained["variant"]:
+            continue
+        budget, dataset = result_file.relative_to(root).parts[:2]
+        out_dir = root / budget / dataset / f"{trained['variant']}:{label}" / result_file.parent.name
+        if (out_dir / "result.json").is_file():
+            if json.loads((out_dir / "result.json").read_text())["evaluated_with"] != overrides:
+                raise ValueError(f"{out_dir} was evaluated with other overrides; use another label")
+            continue
+        print(f"\n=== {dataset}, {trained['variant']}, {result_file.parent.name}: evaluating with {overrides} ===")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runner = study_runner(dataset, root / budget, Path(data_dir) if data_dir else None, 0.0)
+        scores = runner.infer_and_evaluate(
+            trained["variant"], out_dir, [], {"ckpt_path": trained["checkpoint"], **overrides}
+        )
+        result = {**trained, "variant": f"{trained['variant']}:{label}", "evaluated_with": overrides, **scores}
+        write_json_atomically(result, out_dir / "result.json")
+    os.chdir(REPO)
+    tables(workdir, output)
+
+
 def _collect(workdir: Path) -> list[dict]:
     results = []
     for result_file in sorted(workdir.glob("*min/*/**/seed*/result.json")):
@@ -260,13 +307,15 @@ def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results
         printed.append(text)
     summary = []
     for row in rows:
+        label = row["arm"].partition(":")[2]
+        baseline = f"{BASELINE}:{label}" if label else BASELINE  # like with like: re-evaluated arms against theirs
         base = [
             r
             for r in rows
-            if (r["budget_min"], r["dataset"], r["arm"]) == (row["budget_min"], row["dataset"], BASELINE)
+            if (r["budget_min"], r["dataset"], r["arm"]) == (row["budget_min"], row["dataset"], baseline)
         ]
         beats = "n/a"
-        if base and row["arm"] != BASELINE:
+        if base and row["arm"] != baseline:
             won = row["miou_all"] > base[0]["miou_all"] and row["miou_org"] > base[0]["miou_org"]
             beats = "yes" if won else "no"
         summary.append(
@@ -283,4 +332,4 @@ def tables(workdir: str = "runs/recipe_study", output: str = "benchmarks/results
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "worker": worker, "tables": tables})
+    fire.Fire({"run": run, "worker": worker, "tables": tables, "reevaluate": reevaluate})

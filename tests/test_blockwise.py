@@ -22,12 +22,12 @@ from monai.transforms import NormalizeIntensity
 from bundle_cli import bundle_run
 from conftest import BUNDLE, CONFIG_NETWORK, require_data
 from scripts.baselines import SectionWise2D
-from scripts.blockwise import BlockwiseInference, FlipTTA, WindowGrid, block_boxes, intensity_statistics
+from scripts.blockwise import BlockwiseInference, WindowGrid, block_boxes, intensity_statistics
 from scripts.blockwise_workflow import open_datalist_volumes, prepare_network
 from scripts.crf import CRFRNN
 from scripts.crf_stack import NetworkWithCRF
 from scripts.ensembles import EnsembleNetwork
-from scripts.inference import FittedSlidingWindowInferer
+from scripts.inference import FittedSlidingWindowInferer, FlipTTA
 from scripts.networks import HybridUNet2D3D
 from scripts.volumes import ArrayVolume, open_volume
 
@@ -221,47 +221,6 @@ def test_restart_recomputes_unmarked_blocks_and_refuses_other_settings(tmp_path)
     (tmp_path / "foreign.zarr").mkdir()
     with pytest.raises(ValueError, match=r"foreign\.zarr exists and is not a block-wise result"):
         inference(volume, tmp_path / "foreign.zarr")
-
-
-class _Pointwise(torch.nn.Module):
-    """Flip-equivariant: logits are a function of each voxel alone."""
-
-    def forward(self, x):
-        return torch.cat([x, -2 * x], dim=1)
-
-
-class _Shifted(torch.nn.Module):
-    """Not flip-equivariant: each voxel's logits come from its neighbour along x."""
-
-    def forward(self, x):
-        return torch.cat([x.roll(1, dims=2), torch.zeros_like(x)], dim=1)
-
-
-def test_flip_tta():
-    x = torch.randn(2, 1, 16, 8, 3)
-    network = tiny_network()
-    with torch.inference_mode():
-        torch.testing.assert_close(torch.softmax(FlipTTA(network, ())(x), 1), torch.softmax(network(x), 1))
-        torch.testing.assert_close(FlipTTA(_Pointwise(), (0, 1, 2))(x), torch.log_softmax(_Pointwise()(x), 1))
-        shifted = _Shifted()
-        flips = [[], [2], [4], [2, 4]]  # every combination of x and z
-        expected = sum(torch.flip(torch.softmax(shifted(torch.flip(x, f)), 1), f) for f in flips) / 4
-        torch.testing.assert_close(FlipTTA(shifted, (0, 2))(x), torch.log(expected))
-        assert not torch.allclose(FlipTTA(shifted, (0, 2))(x), torch.log_softmax(shifted(x), 1))
-    with pytest.raises(ValueError, match="tta_axes"):
-        FlipTTA(network, (3,))
-
-
-def test_flip_tta_composes_with_ensembles():
-    x = torch.randn(1, 1, 16, 16, 3)
-    a, b = tiny_network(0), tiny_network(1)
-    with torch.inference_mode():
-        tta_of_ensemble = FlipTTA(EnsembleNetwork([a, b]), (0, 1))(x)
-        ensemble_of_tta = EnsembleNetwork([FlipTTA(a, (0, 1)), FlipTTA(b, (0, 1))])(x)
-        flips = [[], [2], [3], [2, 3]]
-        expected = sum(torch.flip(torch.softmax(n(torch.flip(x, f)), 1), f) for n in (a, b) for f in flips) / 8
-    torch.testing.assert_close(tta_of_ensemble, torch.log(expected))
-    torch.testing.assert_close(ensemble_of_tta, torch.log(expected))
 
 
 def test_datalist_volumes_check_spacing(tmp_path):

@@ -1,7 +1,72 @@
+import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
-from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, class_indices
+from conftest import BUNDLE
+from scripts.ensembles import EnsembleNetwork
+from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, FlipTTA, class_indices
+
+
+def conv_network(seed: int) -> torch.nn.Module:
+    """Random 3x3x3 convolution to two classes: not flip-equivariant."""
+    torch.manual_seed(seed)
+    return torch.nn.Conv3d(1, 2, 3, padding=1)
+
+
+class _Pointwise(torch.nn.Module):
+    """Flip-equivariant: logits are a function of each voxel alone."""
+
+    def forward(self, x):
+        return torch.cat([x, -2 * x], dim=1)
+
+
+def test_flip_tta():
+    x = torch.randn(2, 1, 16, 8, 3)
+    network = conv_network(0)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.softmax(FlipTTA(network, ())(x), 1), torch.softmax(network(x), 1))
+        torch.testing.assert_close(FlipTTA(_Pointwise(), (0, 1, 2))(x), torch.log_softmax(_Pointwise()(x), 1))
+        flips = [[], [2], [4], [2, 4]]  # every combination of x and z
+        expected = sum(torch.flip(torch.softmax(network(torch.flip(x, f)), 1), f) for f in flips) / 4
+        torch.testing.assert_close(FlipTTA(network, (0, 2))(x), torch.log(expected))
+        assert not torch.allclose(FlipTTA(network, (0, 2))(x), torch.log_softmax(network(x), 1))
+    with pytest.raises(ValueError, match="tta_axes"):
+        FlipTTA(network, (3,))
+
+
+def test_flip_tta_composes_with_ensembles():
+    x = torch.randn(1, 1, 16, 16, 3)
+    a, b = conv_network(0), conv_network(1)
+    with torch.inference_mode():
+        tta_of_ensemble = FlipTTA(EnsembleNetwork([a, b]), (0, 1))(x)
+        ensemble_of_tta = EnsembleNetwork([FlipTTA(a, (0, 1)), FlipTTA(b, (0, 1))])(x)
+        flips = [[], [2], [3], [2, 3]]
+        expected = sum(torch.flip(torch.softmax(n(torch.flip(x, f)), 1), f) for n in (a, b) for f in flips) / 8
+    torch.testing.assert_close(tta_of_ensemble, torch.log(expected))
+    torch.testing.assert_close(ensemble_of_tta, torch.log(expected))
+
+
+def test_fitted_inferer_averages_flips_of_every_window():
+    """``tta_axes`` flips each window, not the volume: the result is MONAI's sliding window over ``FlipTTA``."""
+    image = torch.randn(1, 1, 40, 36, 1)
+    network = conv_network(2)
+    options = {"overlap": 0.25, "mode": "gaussian"}
+    with torch.inference_mode():
+        tta = FittedSlidingWindowInferer((24, 24, 3), tta_axes=[0, 1], **options)(image, network)
+        expected = SlidingWindowInferer((24, 24, 1), **options)(image, FlipTTA(network, (0, 1)))
+        plain = FittedSlidingWindowInferer((24, 24, 3), **options)(image, network)
+    torch.testing.assert_close(tta, expected)
+    assert not torch.allclose(torch.softmax(tta, 1), torch.softmax(plain, 1), atol=1e-3)
+    with pytest.raises(ValueError, match="tta_axes"):
+        FittedSlidingWindowInferer((24, 24, 3), tta_axes=[0, 0])
+
+
+def test_inference_config_passes_tta_axes_to_its_inferer():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs/inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "tta_axes": [1, 0]})
+    assert parser.get_parsed_content("inferer").tta_axes == (1, 0)
 
 
 def test_centre_window_inferer_keeps_only_window_centres():

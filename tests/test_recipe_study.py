@@ -93,3 +93,40 @@ def test_seeds_are_a_count_or_a_list_and_every_job_is_one_data_set_arm_and_seed(
     assert recipe_study.seed_list([3, "1"]) == [3, 1]
     jobs = recipe_study._jobs(["platelet", "isbi2012"], ["hybrid"], recipe_study.seed_list([1]))
     assert jobs == [("platelet", "hybrid", 1), ("isbi2012", "hybrid", 1)]
+
+
+def test_reevaluate_scores_the_same_checkpoints_another_way_as_arms_of_their_own(monkeypatch, tmp_path):
+    runs = tmp_path / "runs"
+    for variant, miou in (("hybrid", 0.7), (recipe_study.BASELINE, 0.6)):
+        _result(runs / "30min" / "vnc" / variant / "seed000", variant, 0, miou, miou - 0.1, 100)
+        result_file = runs / "30min" / "vnc" / variant / "seed000" / "result.json"
+        result_file.write_text(json.dumps({**json.loads(result_file.read_text()), "checkpoint": f"{variant}.pt"}))
+    evaluated = []
+
+    class Runner:
+        def infer_and_evaluate(self, variant, out_dir, extra_files, overrides):
+            evaluated.append((variant, overrides))
+            gain = 0.01 if variant == "hybrid" else 0.12  # the flips help the baseline more
+            trained = json.loads((runs / "30min" / "vnc" / variant / "seed000" / "result.json").read_text())
+            return {k: trained[k] + gain for k in ("miou_all", "miou_org")}
+
+    monkeypatch.setattr(recipe_study, "study_runner", lambda *args: Runner())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    recipe_study.reevaluate("tta", {"tta_axes": [0, 1]}, str(runs), output=str(out))
+    assert evaluated == [(v, {"ckpt_path": f"{v}.pt", "tta_axes": [0, 1]}) for v in ("hybrid", recipe_study.BASELINE)]
+    again = json.loads((runs / "30min" / "vnc" / "hybrid:tta" / "seed000" / "result.json").read_text())
+    assert again["variant"] == "hybrid:tta" and again["miou_all"] == pytest.approx(0.71) and again["steps"] == 100
+    with open(out / "recipe_study_summary.csv", newline="") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    # like with like: the default with flips (0.71) loses to the baseline with flips (0.72), though it beats the
+    # baseline without them (0.6); the default without flips beats the baseline without them
+    assert rows["default"]["beats plain MONAI on both"] == "yes"
+    assert rows["default:tta"]["beats plain MONAI on both"] == "no"
+    assert rows[f"{recipe_study.BASELINE}:tta"]["beats plain MONAI on both"] == "n/a"
+    recipe_study.reevaluate("tta", {"tta_axes": [0, 1]}, str(runs), output=str(out))  # resumes: nothing new
+    assert len(evaluated) == 2
+    with pytest.raises(ValueError, match="other overrides"):
+        recipe_study.reevaluate("tta", {"tta_axes": [0]}, str(runs), output=str(out))
+    with pytest.raises(ValueError, match="plain name"):
+        recipe_study.reevaluate("a:b", {}, str(runs), output=str(out))

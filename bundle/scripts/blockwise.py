@@ -139,39 +139,6 @@ def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bo
     return mean, std
 
 
-class FlipTTA(nn.Module):
-    """Test-time augmentation by flips: the mean softmax over every combination of flips along ``axes``.
-
-    Each flipped window's prediction is flipped back before averaging. Returns log-probabilities, like
-    ``scripts.ensembles.EnsembleNetwork``, so the two compose either way round and the bundle's softmax yields the
-    averaged probabilities.
-
-    Args:
-        network: maps windows ``(B, C, X, Y, Z)`` to class logits (or log-probabilities).
-        axes: spatial axes to flip (0 = x, 1 = y, 2 = z); ``2 ** len(axes)`` passes per window.
-    """
-
-    def __init__(self, network: nn.Module, axes: Sequence[int]) -> None:
-        super().__init__()
-        axes = tuple(int(a) for a in axes)
-        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
-            raise ValueError(f"tta_axes {list(axes)} must be distinct spatial axes among 0 (x), 1 (y), 2 (z)")
-        self.network = network
-        self.axes = axes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flips = [combo for n in range(len(self.axes) + 1) for combo in itertools.combinations(self.axes, n)]
-        probabilities = 0
-        for flip in flips:
-            dims = [2 + axis for axis in flip]
-            logits = self.network(torch.flip(x, dims)).float()
-            probabilities = probabilities + torch.flip(torch.softmax(logits, dim=1), dims)
-        return torch.log((probabilities / len(flips)).clamp_min(1e-12))
-
-    def extra_repr(self) -> str:
-        return f"axes={self.axes}"
-
-
 @dataclass
 class BlockwiseResult:
     """What one block-wise run did: its Zarr group, blocks computed now and blocks found finished."""

@@ -12,8 +12,9 @@ import torch.nn as nn
 from monai.apps.utils import get_logger
 from monai.handlers import CheckpointLoader
 
-from scripts.blockwise import BlockwiseInference, BlockwiseResult, FlipTTA
+from scripts.blockwise import BlockwiseInference, BlockwiseResult
 from scripts.distributed import barrier, rank_and_world
+from scripts.inference import FlipTTA
 from scripts.io import VOLUME_SUFFIXES, load_datalist, load_weights, output_path
 from scripts.label_volumes import zarr_labels_to_file
 from scripts.volumes import HDF5_SUFFIXES, Volume, open_volume, split_container_path

@@ -73,9 +73,10 @@ class WeightAverage:
     saved in their place.
 
     After every step ``average = d * average + (1 - d) * weights``, with ``d = min(decay, (1 + t) / (10 + t))`` at
-    step ``t``: the first steps' weights fade fast (the warm-up of timm's ``ModelEmaV2``). Floating-point buffers
-    (batch-norm statistics) are averaged alike, the others copied. Attach to the trainer before the validation
-    handler, so that a validation sees the step it follows.
+    step ``t``: the first steps' weights fade fast (the warm-up of timm's ``ModelEmaV2``). With ``decay`` 0.999 the
+    warm-up rules the first 8990 steps, so the average's memory, ``1 / (1 - d)``, grows as ``(10 + t) / 9`` steps
+    through runs of a few thousand. Floating-point buffers (batch-norm statistics) are averaged alike, the others
+    copied. Attach to the trainer before the validation handler, so that a validation sees the step it follows.
 
     Args:
         network: the trained network (a ``DistributedDataParallel`` wrapper is averaged without it).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn as nn
 from monai.inferers import SlidingWindowInferer
 
 
@@ -19,6 +21,43 @@ def class_indices(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return logits.max(dim).indices
 
 
+class FlipTTA(nn.Module):
+    """Test-time augmentation by flips: the mean softmax over every combination of flips along ``axes``.
+
+    Each flipped window's prediction is flipped back before averaging. Returns log-probabilities, like
+    ``scripts.ensembles.EnsembleNetwork``, so the two compose either way round and the bundle's softmax yields the
+    averaged probabilities.
+
+    Args:
+        network: maps windows ``(B, C, X, Y, Z)`` to class logits (or log-probabilities).
+        axes: spatial axes to flip (0 = x, 1 = y, 2 = z); ``2 ** len(axes)`` passes per window.
+    """
+
+    def __init__(self, network: nn.Module, axes: Sequence[int]) -> None:
+        super().__init__()
+        self.network = network
+        self.axes = self.checked_axes(axes)
+
+    @staticmethod
+    def checked_axes(axes: Sequence[int]) -> tuple[int, ...]:
+        axes = tuple(int(a) for a in axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"tta_axes {list(axes)} must be distinct spatial axes among 0 (x), 1 (y), 2 (z)")
+        return axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flips = [combo for n in range(len(self.axes) + 1) for combo in itertools.combinations(self.axes, n)]
+        probabilities = 0
+        for flip in flips:
+            dims = [2 + axis for axis in flip]
+            logits = self.network(torch.flip(x, dims)).float()
+            probabilities = probabilities + torch.flip(torch.softmax(logits, dim=1), dims)
+        return torch.log((probabilities / len(flips)).clamp_min(1e-12))
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}"
+
+
 class FittedSlidingWindowInferer(SlidingWindowInferer):
     """Sliding window whose window is cut to the volume along ``fit_axes`` instead of padding the volume.
 
@@ -30,14 +69,27 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
         roi_size: window size (x, y, z).
         fit_axes: spatial axes (0 = x, 1 = y, 2 = z) along which the window shrinks to the volume; ``[]`` for
             networks that pool every axis (their windows must keep their divisible size).
+        tta_axes: spatial axes flipped for test-time augmentation (:class:`FlipTTA`, ``2 ** len(tta_axes)`` passes
+            per window, log-probabilities out); ``[]`` for none (the network's logits out).
         kwargs: other ``SlidingWindowInferer`` arguments (``sw_batch_size``, ``overlap``, ``mode``, ``progress``...).
     """
 
-    def __init__(self, roi_size: Sequence[int], fit_axes: Sequence[int] = (2,), **kwargs) -> None:
+    def __init__(
+        self, roi_size: Sequence[int], fit_axes: Sequence[int] = (2,), tta_axes: Sequence[int] = (), **kwargs
+    ) -> None:
         super().__init__(roi_size, **kwargs)
         self.fit_axes = tuple(fit_axes)
+        self.tta_axes = FlipTTA.checked_axes(tta_axes)
+        if self.tta_axes:
+            passes = 2 ** len(self.tta_axes)
+            axes = list(self.tta_axes)
+            print(
+                f"test-time augmentation: the mean of {passes} flips of every window (axes {axes}), {passes}x the time"
+            )
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if self.tta_axes:
+            network = FlipTTA(network, self.tta_axes)
         roi = list(self.roi_size)
         for axis in self.fit_axes:
             roi[axis] = min(roi[axis], inputs.shape[2 + axis])
