@@ -61,6 +61,8 @@ DATASETS = {
     ),
 }
 BASELINE = "monai_unet_baseline"
+#: every finished instance under a workdir: ``<budget>min/<data set>/<arm>/seed<k>/result.json``
+INSTANCE_RESULTS = "*min/*/**/seed*/result.json"
 DEFAULT_ARMS = [BASE_VARIANT, BASELINE, "paper_recipe"]
 
 
@@ -196,7 +198,7 @@ def reevaluate(
         raise ValueError(f"label must be a plain name (no ':' or '/'), got {label!r}")
     root = (REPO / workdir).resolve()
     os.chdir(BUNDLE)
-    for result_file in sorted(root.glob("*min/*/**/seed*/result.json")):
+    for result_file in sorted(root.glob(INSTANCE_RESULTS)):
         trained = json.loads(result_file.read_text())
         if ":" in trained["variant"]:
             continue
@@ -220,7 +222,7 @@ def reevaluate(
 
 def _collect(workdir: Path) -> list[dict]:
     results = []
-    for result_file in sorted(workdir.glob("*min/*/**/seed*/result.json")):
+    for result_file in sorted(workdir.glob(INSTANCE_RESULTS)):
         result = json.loads(result_file.read_text())
         relative = result_file.relative_to(workdir).parts
         result["budget_minutes"] = float(relative[0].removesuffix("min"))

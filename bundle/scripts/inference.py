@@ -82,10 +82,7 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
         self.tta_axes = FlipTTA.checked_axes(tta_axes)
         if self.tta_axes:
             passes = 2 ** len(self.tta_axes)
-            axes = list(self.tta_axes)
-            print(
-                f"test-time augmentation: the mean of {passes} flips of every window (axes {axes}), {passes}x the time"
-            )
+            print(f"test-time augmentation: every window averaged over its {passes} flips along {list(self.tta_axes)}")
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         if self.tta_axes:
