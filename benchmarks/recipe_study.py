@@ -259,8 +259,8 @@ def _rows(results: list[dict]) -> list[dict]:
         found = sum(c["found"] for r in runs for c in r["objects"].values())
         total = sum(c["gt_objects"] for r in runs for c in r["objects"].values())
         missed = sum(c["missed"] for r in runs for c in r["objects"].values())
-        row["objects found"] = f"{found / len(runs):g} of {total / len(runs):g}"
-        row["objects missed"] = f"{missed / len(runs):g}"
+        row["objects found"] = f"{round(found / len(runs), 1):g} of {round(total / len(runs), 1):g}"
+        row["objects missed"] = f"{round(missed / len(runs), 1):g}"
         steps = [r.get("steps") for r in runs if r.get("steps") is not None]
         row["steps"] = round(statistics.fmean(steps)) if steps else "n/a"
         row["minutes"] = round(statistics.fmean(r["train_seconds"] for r in runs) / 60, 1)

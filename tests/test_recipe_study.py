@@ -15,7 +15,7 @@ recipe_study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe_study)
 
 
-def _result(path, variant, seed, miou_all, miou_org, steps):
+def _result(path, variant, seed, miou_all, miou_org, steps, found=2):
     path.mkdir(parents=True)
     result = {
         "variant": variant,
@@ -24,7 +24,7 @@ def _result(path, variant, seed, miou_all, miou_org, steps):
         "miou_org": miou_org,
         "pixel_error": 0.1,
         "per_class": {"cell": {"iou": miou_all}, "mitochondrion": {"iou": miou_org}},
-        "objects": {"mitochondrion": {"gt_objects": 4, "found": 2, "missed": 1, "under_detected": 1}},
+        "objects": {"mitochondrion": {"gt_objects": 4, "found": found, "missed": 1, "under_detected": 1}},
         "steps": steps,
         "train_seconds": 180.0,
     }
@@ -44,6 +44,10 @@ def test_tables_average_seeds_and_compare_every_arm_with_the_plain_monai_baselin
             400,
         )
     _result(runs / "3min" / "vnc" / "study" / "norm_batch" / "seed000", "study/norm_batch", 0, 0.4, 0.1, 90)
+    for seed, found in enumerate([2, 2, 3]):
+        _result(
+            runs / "3min" / "vnc" / "study" / "batch_2" / f"seed{seed:03d}", "study/batch_2", seed, 0.4, 0.1, 90, found
+        )
     out = tmp_path / "out"
     recipe_study.tables(str(runs), str(out))
     with open(out / "recipe_study_summary.csv", newline="") as f:
@@ -54,7 +58,10 @@ def test_tables_average_seeds_and_compare_every_arm_with_the_plain_monai_baselin
     assert rows["default"]["beats plain MONAI on both"] == "no"
     assert rows["norm_batch"]["beats plain MONAI on both"] == "no"
     assert rows[recipe_study.BASELINE]["beats plain MONAI on both"] == "n/a"
-    assert (out / "recipe_study_vnc.md").read_text().count("| vnc |") == 3
+    with open(out / "recipe_study_vnc.csv", newline="") as f:
+        found = {r["arm"]: r["objects found"] for r in csv.DictReader(f)}
+    assert found["batch_2"] == "2.3 of 4"  # a mean over 3 seeds, to a tenth
+    assert (out / "recipe_study_vnc.md").read_text().count("| vnc |") == 4
     report = json.loads((out / "recipe_study.json").read_text())
     assert report["environment"]["commit"] and report["environment"]["versions"]["torch"]
     assert (out / "recipe_study_summary.png").stat().st_size > 0
