@@ -256,11 +256,12 @@ def _rows(results: list[dict]) -> list[dict]:
         }
         for name in runs[0]["per_class"]:
             row[f"iou {name}"] = _mean([r["per_class"][name]["iou"] for r in runs])
-        found = sum(c["found"] for r in runs for c in r["objects"].values())
-        total = sum(c["gt_objects"] for r in runs for c in r["objects"].values())
-        missed = sum(c["missed"] for r in runs for c in r["objects"].values())
-        row["objects found"] = f"{round(found / len(runs), 1):g} of {round(total / len(runs), 1):g}"
-        row["objects missed"] = f"{round(missed / len(runs), 1):g}"
+
+        def per_seed(key: str) -> str:  # an object count averaged over the seeds, to a tenth
+            return f"{round(sum(c[key] for r in runs for c in r['objects'].values()) / len(runs), 1):g}"
+
+        row["objects found"] = f"{per_seed('found')} of {per_seed('gt_objects')}"
+        row["objects missed"] = per_seed("missed")
         steps = [r.get("steps") for r in runs if r.get("steps") is not None]
         row["steps"] = round(statistics.fmean(steps)) if steps else "n/a"
         row["minutes"] = round(statistics.fmean(r["train_seconds"] for r in runs) / 60, 1)
