@@ -175,7 +175,7 @@ def test_unknown_or_mistyped_overrides_are_named(real_pair):
     argv = [str(Path(monai.__file__).parent / "bundle" / "__main__.py"), "run", "training"]
     train = str([str(BUNDLE / "configs" / "train.json")])
     check_overrides([*argv, "--config_file", train, "--save_minutes", "0.5"])  # minutes: any number, not only whole
-    assert "--infer_window: expected 3 values like [256, 256, 1], got [64, 64]" in _infer(
+    assert "--infer_window: expected 3 values like [1024, 1024, 1], got [64, 64]" in _infer(
         tmp_path, infer_window=[64, 64]
     )
 

@@ -94,6 +94,20 @@ def test_matches_sliding_window_on_synthetic_volume(roi, block, batch, fit_axes,
     np.testing.assert_allclose(uncertainty.astype(np.float32), entropy, atol=2e-3)
 
 
+def test_fitted_divisor_matches_the_in_memory_inferer_and_caps_windows_spanning_blocks():
+    array = synthetic_volume((44, 60, 3))
+    network = tiny_network()
+    inferer = FittedSlidingWindowInferer((64, 64, 8), (2,), 16, overlap=0.25, mode="gaussian")
+    expected = reference_logits(network, array, inferer)
+    volume = ArrayVolume(array, spacing=(1, 1, 1))
+    inference = BlockwiseInference(network, (64, 64, 8), 0.25, (64, 64, 2), fit_axes=(2,), fit_divisor=16)
+    assert inference.grid(volume).roi_size == (48, 64, 3)  # one window, padded to multiples of 16
+    torch.testing.assert_close(blockwise_logits(inference, volume), expected, atol=1e-5, rtol=1e-5)
+    # x spans two 32-wide blocks: capped at a quarter block (8 -> the divisor 16); y within one block: fitted
+    spanning = BlockwiseInference(network, (64, 64, 8), 0.25, (32, 64, 2), fit_axes=(2,), fit_divisor=16)
+    assert spanning.grid(volume).roi_size == (16, 64, 3)
+
+
 def test_window_grid_is_sliding_window_inference_grid_not_splitter_grid():
     # why WindowGrid uses MONAI's private _get_scan_interval: the public SlidingWindowSplitter lays another grid
     # (its last window runs past the volume end where sliding_window_inference moves it back inside)

@@ -5,7 +5,7 @@ from monai.inferers import SlidingWindowInferer
 
 from conftest import BUNDLE
 from scripts.ensembles import EnsembleNetwork
-from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, FlipTTA, class_indices
+from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, FlipTTA, class_indices, fitted_window
 
 
 def conv_network(seed: int) -> torch.nn.Module:
@@ -115,6 +115,25 @@ def test_fitted_window_shrinks_to_a_single_section_instead_of_padding():
     with_x = FittedSlidingWindowInferer((64, 32, 5), fit_axes=[0, 2])
     depths.clear()
     assert with_x(section, predictor).shape == section.shape and set(depths) == {1}
+
+
+def test_fitted_window_keeps_the_network_divisor_in_x_and_y():
+    assert fitted_window((800, 810, 1), (1024, 1024, 1), (2,), 16) == [800, 816, 1]
+    assert fitted_window((800, 810, 3), (1024, 1024, 5), (2,), 0) == [1024, 1024, 3]  # divisor unknown: padded
+    assert fitted_window((2000, 300, 9), (1024, 1024, 5), (2,), 16) == [1024, 304, 5]
+    assert fitted_window((100, 300, 1), (1024, 1024, 1), (2,), 16, (256, 256)) == [256, 304, 1]  # not below
+    assert fitted_window((100, 300, 1), (1024, 1024, 1), (2,), 0, (256, 256)) == [256, 512, 1]  # its multiples
+
+    shapes = []
+
+    def predictor(window):
+        shapes.append(tuple(window.shape[2:]))
+        return window * 3
+
+    section = torch.randn(1, 1, 70, 90, 1)
+    inferer = FittedSlidingWindowInferer((128, 128, 1), fit_divisor=16, overlap=0.25, mode="gaussian")
+    torch.testing.assert_close(inferer(section, predictor), section * 3)
+    assert shapes == [(80, 96, 1)]  # one window: the section padded to multiples of 16, not to 128 x 128
 
 
 def test_class_indices_is_argmax_with_its_first_maximum_on_ties():

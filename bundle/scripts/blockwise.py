@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
-from scripts.inference import class_indices
+from scripts.inference import class_indices, fitted_window
 from scripts.label_volumes import ZarrLabelWriter
 from scripts.layers import to_channels_last_3d
 from scripts.volumes import Box, Volume
@@ -61,6 +61,9 @@ class WindowGrid:
         overlap: MONAI's overlap, one value or one per axis, in [0, 1).
         fit_axes: axes along which the window is cut to the volume instead of padding the volume, as
             ``scripts.inference.FittedSlidingWindowInferer`` does.
+        fit_divisor: x and y of the window shrink to the volume rounded up to this multiple (the network's
+            ``spatial_divisor``), as ``scripts.inference.fitted_window`` describes.
+        fit_min: smallest x and y of a fitted window (the training window).
         sigma_scale: Gaussian sigma as a fraction of the window (MONAI's default 0.125).
     """
 
@@ -70,14 +73,14 @@ class WindowGrid:
         roi_size: Sequence[int],
         overlap: float | Sequence[float] = 0.25,
         fit_axes: Sequence[int] = (),
+        fit_divisor: int = 0,
+        fit_min: Sequence[int] = (1, 1),
         sigma_scale: float = 0.125,
     ) -> None:
         overlap = ensure_tuple_rep(overlap, 3)
         if len(roi_size) != 3 or min(roi_size) < 1 or any(not 0 <= o < 1 for o in overlap):
             raise ValueError(f"window {list(roi_size)} needs 3 positive sizes and overlap {overlap} values in [0, 1)")
-        roi = [int(r) for r in roi_size]
-        for axis in fit_axes:
-            roi[axis] = min(roi[axis], shape[axis])
+        roi = fitted_window(shape, roi_size, fit_axes, fit_divisor, fit_min)
         padded = [max(s, r) for s, r in zip(shape, roi)]
         scan_interval = _get_scan_interval(padded, roi, 3, overlap)
         self.shape = tuple(int(s) for s in shape)
@@ -161,6 +164,12 @@ class BlockwiseInference:
             the network's parameters.
         fit_axes: axes along which the window is cut to the volume instead of padding it (inference.json's
             ``window_fit_axes``); ``()`` pads like ``SlidingWindowInferer``.
+        fit_divisor: x and y of the window shrink to the volume rounded up to this multiple (inference.json's
+            ``window_fit_divisor``, the network's ``spatial_divisor``); 0: multiples of ``fit_min``. Along an axis
+            where the volume spans several blocks, the window is also capped at a quarter of the block (rounded
+            down to that multiple, not below it): each window is run once per block it overlaps, and wider
+            windows would multiply that.
+        fit_min: smallest x and y of a fitted or capped window (inference.json's ``train_window``).
         bf16: run the network under ``torch.autocast(dtype=torch.bfloat16)`` (CPU or CUDA).
         channels_last: store the network's 3D convolution weights and the windows channels-last (NDHWC), the
             layout oneDNN's and cuDNN's fastest 3D convolutions use (1.3-1.5x on this CPU); results change by
@@ -179,6 +188,8 @@ class BlockwiseInference:
         sw_batch_size: int = 1,
         device: str | torch.device | None = None,
         fit_axes: Sequence[int] = (),
+        fit_divisor: int = 0,
+        fit_min: Sequence[int] = (1, 1),
         bf16: bool = False,
         channels_last: bool = True,
         save_uncertainty: bool = False,
@@ -201,14 +212,34 @@ class BlockwiseInference:
         self.block_size = [int(b) for b in block_size]
         self.sw_batch_size = int(sw_batch_size)
         self.fit_axes = [int(a) for a in fit_axes]
+        self.fit_divisor = int(fit_divisor)
+        self.fit_min = [int(m) for m in fit_min[:2]]
         self.bf16 = bool(bf16)
         self.save_uncertainty = bool(save_uncertainty)
         self.sigma_scale = float(sigma_scale)
         self.progress = progress
 
+    def window(self, volume: Volume) -> list[int]:
+        """The configured window, capped along x and y where ``volume`` spans several blocks (see Args)."""
+        roi = list(self.roi_size)
+        for axis in (0, 1):
+            multiple = self.fit_divisor or self.fit_min[axis]  # as fitted_window's
+            cap = max(self.block_size[axis] // 4 // multiple * multiple, multiple)
+            if multiple > 1 and volume.shape[axis] > self.block_size[axis] and roi[axis] > cap:
+                roi[axis] = cap
+        return roi
+
     def grid(self, volume: Volume) -> WindowGrid:
         """The global window grid of ``volume``."""
-        return WindowGrid(volume.shape, self.roi_size, self.overlap, self.fit_axes, self.sigma_scale)
+        return WindowGrid(
+            volume.shape,
+            self.window(volume),
+            self.overlap,
+            self.fit_axes,
+            self.fit_divisor,
+            self.fit_min,
+            self.sigma_scale,
+        )
 
     def settings(self, volume: Volume) -> dict:
         """What a run's result depends on; a restart must match it."""
@@ -222,6 +253,8 @@ class BlockwiseInference:
             "overlap": self.overlap,
             "block_size": self.block_size,
             "fit_axes": self.fit_axes,
+            "fit_divisor": self.fit_divisor,
+            "fit_min": self.fit_min,
             "sigma_scale": self.sigma_scale,
             "bf16": self.bf16,
             "channels_last": self.channels_last,
@@ -314,9 +347,10 @@ class BlockwiseInference:
             sum(len(grid.axis_windows(a, lo, hi)) for lo, hi in {tuple(box[a]) for box in blocks}) for a in range(3)
         )
         logger.info(
-            "%s: %d blocks, %d window passes for the %d windows of the grid (x%.2f)",
+            "%s: %d blocks, windows %s, %d window passes for the %d windows of the grid (x%.2f)",
             volume.path,
             len(blocks),
+            " x ".join(map(str, grid.roi_size)),
             runs,
             grid.num_windows,
             runs / grid.num_windows,

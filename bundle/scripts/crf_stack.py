@@ -32,6 +32,9 @@ class NetworkWithCRF(nn.Module):
         super().__init__()
         self.network = network
         self.crf = crf
+        # the window sizes the stack accepts are those of its network (inference fits windows to it)
+        if hasattr(network, "spatial_divisor"):
+            self.spatial_divisor: int = network.spatial_divisor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)

@@ -58,27 +58,75 @@ class FlipTTA(nn.Module):
         return f"axes={self.axes}"
 
 
+def fitted_window(
+    shape: Sequence[int],
+    roi_size: Sequence[int],
+    fit_axes: Sequence[int] = (2,),
+    fit_divisor: int = 0,
+    fit_min: Sequence[int] = (1, 1),
+) -> list[int]:
+    """The window actually laid over a volume of ``shape``: ``roi_size`` shrunk where the volume is smaller.
+
+    Along ``fit_axes`` (axes the network never pools: z for the 2D-3D network) the window shrinks to the volume.
+    Along x and y it shrinks to the volume rounded up to a multiple of ``fit_divisor`` (the network's
+    ``spatial_divisor``; MONAI pads the rest), but not below ``fit_min``: a section no larger than the window is
+    one window, computed once, where a smaller window would compute the overlaps of several.
+
+    Args:
+        shape: volume shape (x, y, z).
+        roi_size: the configured window (x, y, z).
+        fit_axes: spatial axes (0 = x, 1 = y, 2 = z) cut to the volume exactly.
+        fit_divisor: multiple the x and y sizes of the window must keep; 0 for networks whose divisor is not
+            known: multiples of ``fit_min`` then, or x and y left as they are without it.
+        fit_min: smallest x and y of a fitted window (the training window, itself a multiple of the divisor:
+            a network that normalises per window needs the context it was trained with; smaller volumes are
+            padded to it as MONAI pads).
+    """
+    roi = [int(r) for r in roi_size]
+    for axis in (0, 1):
+        # without a known divisor the training window serves: the network accepts it and its multiples
+        multiple = fit_divisor if fit_divisor > 0 else int(fit_min[axis]) if fit_min[axis] > 1 else 0
+        if multiple:
+            fitted = max(-(-int(shape[axis]) // multiple) * multiple, int(fit_min[axis]))
+            roi[axis] = min(roi[axis], fitted)
+    for axis in fit_axes:
+        roi[axis] = min(roi[axis], int(shape[axis]))
+    return roi
+
+
 class FittedSlidingWindowInferer(SlidingWindowInferer):
-    """Sliding window whose window is cut to the volume along ``fit_axes`` instead of padding the volume.
+    """Sliding window whose window shrinks to the volume (:func:`fitted_window`) instead of padding the volume.
 
     MONAI pads a volume smaller than the window. Along an axis the network never pools (z for the 2D-3D network),
     a window as deep as the volume is just as valid, and it spares the network sections of padding it never saw in
-    training: a single section stays a single section instead of one real section among four blank ones.
+    training: a single section stays a single section instead of one real section among four blank ones. Along x
+    and y the window keeps the network's divisor, so a large configured window costs a small volume nothing.
 
     Args:
         roi_size: window size (x, y, z).
         fit_axes: spatial axes (0 = x, 1 = y, 2 = z) along which the window shrinks to the volume; ``[]`` for
             networks that pool every axis (their windows must keep their divisible size).
+        fit_divisor: x and y shrink to the volume rounded up to this multiple (the network's ``spatial_divisor``);
+            0 keeps them.
+        fit_min: smallest x and y of a fitted window (the training window).
         tta_axes: spatial axes flipped for test-time augmentation (:class:`FlipTTA`, ``2 ** len(tta_axes)`` passes
             per window, log-probabilities out); ``[]`` for none (the network's logits out).
         kwargs: other ``SlidingWindowInferer`` arguments (``sw_batch_size``, ``overlap``, ``mode``, ``progress``...).
     """
 
     def __init__(
-        self, roi_size: Sequence[int], fit_axes: Sequence[int] = (2,), tta_axes: Sequence[int] = (), **kwargs
+        self,
+        roi_size: Sequence[int],
+        fit_axes: Sequence[int] = (2,),
+        fit_divisor: int = 0,
+        fit_min: Sequence[int] = (1, 1),
+        tta_axes: Sequence[int] = (),
+        **kwargs,
     ) -> None:
         super().__init__(roi_size, **kwargs)
         self.fit_axes = tuple(fit_axes)
+        self.fit_divisor = int(fit_divisor)
+        self.fit_min = tuple(int(m) for m in fit_min[:2])
         self.tta_axes = FlipTTA.checked_axes(tta_axes)
         if self.tta_axes:
             passes = 2 ** len(self.tta_axes)
@@ -87,9 +135,7 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
         if self.tta_axes:
             network = FlipTTA(network, self.tta_axes)
-        roi = list(self.roi_size)
-        for axis in self.fit_axes:
-            roi[axis] = min(roi[axis], inputs.shape[2 + axis])
+        roi = fitted_window(inputs.shape[2:], self.roi_size, self.fit_axes, self.fit_divisor, self.fit_min)
         if roi == list(self.roi_size):
             return super().__call__(inputs, network, *args, **kwargs)
         fitted = copy.copy(self)
