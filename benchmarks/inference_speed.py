@@ -19,8 +19,10 @@ volume: the real platelet slice (800 x 800) repeated to ``depth`` sections. In o
   the same two inferers (MONAI's with that model's training window), validation MIoU of each.
 
 ``--part bf16`` (c): the shipped model (``models/model.pt``, ``configs/inference.json``'s network) on the platelet
-slice through block-wise inference, float32 and bfloat16 autocast, with contiguous and with channels-last weights:
-seconds, speed-up and validation MIoU of each; and the paper-size network's forward on one channels-last
+slice through block-wise inference with inference.json's window fitted to the slice (one 800 x 800 window),
+float32 and bfloat16 autocast, with contiguous and with channels-last weights, and channels-last with 16
+overlapping training windows (256 x 256, inference.json's window before it was fitted in x and y): seconds,
+speed-up and validation MIoU of each; and the paper-size network's forward on one channels-last
 (296, 296, 24) window in both precisions (random weights: speed only). It ends with the throughput table of this
 machine: voxels/s, minutes per gigavoxel and the useful share of the float32 peak of each.
 
@@ -28,9 +30,9 @@ machine: voxels/s, minutes per gigavoxel and the useful share of the float32 pea
 operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
 path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3D call ``nn.Conv3d`` makes).
 
-``--part compile``: the shipped model's forward on a batch of its inference windows (as block-wise inference
-batches them), eager against ``torch.compile`` (inductor), float32 and bfloat16 autocast: compile seconds,
-milliseconds per batch and the speed-up.
+``--part compile``: the shipped model's forward on its inference window of the platelet slice (the whole slice, as
+inference.json fits it), eager against ``torch.compile`` (inductor), float32 and bfloat16 autocast: compile
+seconds, milliseconds per forward and the speed-up.
 
 ``--part windows``: the paper-size network's float32 forward (random weights, channels-last) on one window of each
 of several sizes: seconds, GFLOP/s and share of the float32 peak.
@@ -206,6 +208,24 @@ def _shipped_model() -> tuple[torch.nn.Module, ConfigParser]:
     return network, parser
 
 
+def _slice_inference(network: torch.nn.Module, parser: ConfigParser, roi=None, **kwargs) -> BlockwiseInference:
+    """Block-wise inference of the platelet slice (one block) with inference.json's window (or ``roi``), fitted
+    to the slice as inference.json fits it; ``kwargs`` go to ``BlockwiseInference``."""
+    inference = BlockwiseInference(
+        network,
+        roi or parser["infer_window"],
+        0.25,
+        (800, 800, 1),
+        fit_axes=(2,),
+        fit_divisor=network.spatial_divisor,
+        fit_min=parser["train_window"],
+        sw_batch_size=parser.get_parsed_content("sw_batch_size"),
+        **kwargs,
+    )
+    inference.progress = False
+    return inference
+
+
 def _validation_miou(pred: np.ndarray, labels: np.ndarray, parser: ConfigParser) -> dict:
     """MIoU(all) and MIoU(org) of a (X, Y) prediction on the validation rows."""
     cm = confusion_matrix(
@@ -255,31 +275,27 @@ def _remove(zarr_path: Path) -> None:
 def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
     peak_at_start = float32_peak()
     network, parser = _shipped_model()
-    window = parser["infer_window"]
+    window, train_window = parser["infer_window"], parser["train_window"]
     image, labels = _platelet_stack(1)
     volume = ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0))
     results = {}
-    # contiguous first: channels_last=True converts the network's weights in place
-    for layout, channels_last in (("contiguous", False), ("channels_last", True)):
+    # contiguous first: channels_last=True converts the network's weights in place; the last layout is the one
+    # inference.json had before its window was fitted to the volume in x and y (16 overlapping training windows)
+    for layout, channels_last, roi in (
+        ("contiguous", False, window),
+        ("channels_last", True, window),
+        ("channels_last, training windows", True, train_window),
+    ):
         for name, use_bf16 in (("float32", False), ("bfloat16", True)):
-            inference = BlockwiseInference(
-                network,
-                window,
-                0.25,
-                (800, 800, 1),
-                fit_axes=(2,),
-                sw_batch_size=parser.get_parsed_content("sw_batch_size"),
-                bf16=use_bf16,
-                channels_last=channels_last,
-            )
-            inference.progress = False
+            inference = _slice_inference(network, parser, roi, bf16=use_bf16, channels_last=channels_last)
             seconds = []
             for _ in range(repeats + 1):  # the first run warms up
-                out = REPO / "runs" / "inference_speed" / f"bf16_{layout}_{name}.zarr"
+                out = REPO / "runs" / "inference_speed" / f"bf16_{layout.replace(', ', '_')}_{name}.zarr"
                 _remove(out)
                 seconds.append(_timed(lambda: inference(volume, out))[1])
             pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
             results.setdefault(layout, {})[name] = {
+                "window": list(inference.grid(volume).roi_size),
                 "seconds": round(min(seconds[1:]), 3),
                 **_validation_miou(pred, labels, parser),
             }
@@ -371,16 +387,7 @@ def profile(top: int = 8) -> dict:
         SectionConv3d.forward = forward
         try:
             for name, use_bf16 in (("float32", False), ("bfloat16", True)):
-                inference = BlockwiseInference(
-                    network,
-                    parser["infer_window"],
-                    0.25,
-                    (800, 800, 1),
-                    fit_axes=(2,),
-                    sw_batch_size=parser.get_parsed_content("sw_batch_size"),
-                    bf16=use_bf16,
-                )
-                inference.progress = False
+                inference = _slice_inference(network, parser, bf16=use_bf16)
                 out = REPO / "runs" / "inference_speed" / "profile.zarr"
                 _remove(out)
                 inference(volume, out)  # warm-up
@@ -402,12 +409,14 @@ def profile(top: int = 8) -> dict:
                 report.setdefault(path, {})[name] = {"seconds": round(seconds, 3), "operators": rows}
         finally:
             SectionConv3d.forward = section_forward
-    return {"model": "models/model.pt (configs/inference.json network)", "window": parser["infer_window"], **report}
+    window = list(_slice_inference(network, parser).grid(volume).roi_size)
+    return {"model": "models/model.pt (configs/inference.json network)", "window": window, **report}
 
 
 def compile_trial(repeats: int = 10) -> dict:
     network, parser = _shipped_model()
-    batch = torch.randn(parser.get_parsed_content("sw_batch_size"), 1, *parser["infer_window"])
+    window = _slice_inference(network, parser).grid(ArrayVolume(np.zeros((800, 800, 1), np.float32))).roi_size
+    batch = torch.randn(1, 1, *window)
     compiled = torch.compile(network)
     rows = []
     with torch.inference_mode():

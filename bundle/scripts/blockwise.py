@@ -277,13 +277,16 @@ class BlockwiseInference:
         lo = [min(s[a] for s in windows) for a in range(3)]
         hi = [max(s[a] for s in windows) + roi[a] for a in range(3)]
         # the windows' union, padded with 0 (the normalised mean) where it leaves the volume, as MONAI pads
-        image = torch.zeros((1, 1, *(h - low for low, h in zip(lo, hi))))
         read_box = [[max(low, 0), min(h, s)] for low, h, s in zip(lo, hi, volume.shape)]
-        inside = tuple(slice(r0 - low, r1 - low) for (r0, r1), low in zip(read_box, lo))
-        image[(0, 0, *inside)] = (torch.from_numpy(volume.read(read_box).astype(np.float32)) - mean) / std
+        read = (torch.from_numpy(volume.read(read_box).astype(np.float32)) - mean) / std
+        if read_box == [[low, h] for low, h in zip(lo, hi)]:
+            image = read[None, None]
+        else:
+            image = torch.zeros((1, 1, *(h - low for low, h in zip(lo, hi))))
+            image[(0, 0, *(slice(r0 - low, r1 - low) for (r0, r1), low in zip(read_box, lo)))] = read
         core_shape = [c1 - c0 for c0, c1 in core]
         importance = grid.importance.to(self.device)
-        blended, weight = None, torch.zeros(core_shape, device=self.device)
+        blended = weight = None
         for first in range(0, len(windows), self.sw_batch_size):
             batch = windows[first : first + self.sw_batch_size]
             inputs = torch.cat(
@@ -300,8 +303,12 @@ class BlockwiseInference:
                 raise ValueError(
                     f"the network maps windows {tuple(roi)} to {tuple(logits.shape[2:])}; expected the same"
                 )
+            if len(windows) == 1:  # the core lies in one window: the Gaussian weights cancel out of the blend
+                crop = [slice(c0 - s, c1 - s) for s, (c0, c1) in zip(batch[0], core)]
+                return logits[(0, slice(None), *crop)].float()
             if blended is None:
                 blended = torch.zeros((logits.shape[1], *core_shape), device=self.device)
+                weight = torch.zeros(core_shape, device=self.device)
             # only the part of each window inside the core is kept: the core's voxels see every window covering them
             for start, window_logits in zip(batch, logits.float() * importance):
                 in_window, in_core = [], []
