@@ -107,7 +107,7 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
         fit_axes: spatial axes (0 = x, 1 = y, 2 = z) along which the window shrinks to the volume; ``[]`` for
             networks that pool every axis (their windows must keep their divisible size).
         fit_divisor: x and y shrink to the volume rounded up to this multiple (the network's ``spatial_divisor``);
-            0 keeps them.
+            0: multiples of ``fit_min`` (:func:`fitted_window`).
         fit_min: smallest x and y of a fitted window (the training window).
         tta_axes: spatial axes flipped for test-time augmentation (:class:`FlipTTA`, ``2 ** len(tta_axes)`` passes
             per window, log-probabilities out); ``[]`` for none (the network's logits out).
