@@ -392,13 +392,14 @@ def test_instance_group_norm_equals_instance_norm(sections, channels, size):
     assert norm(channels_last).is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_channels_last_weights_keep_single_section_activations_channels_last():
-    """With channels-last weights every convolution after the stem sees a channels-last input (a bf16 oneDNN
-    convolution copies any other layout), and the logits equal those of the channel-first network."""
+@pytest.mark.parametrize("batch,stem_stride", [(2, 1), (1, 2)])  # (1, 2): one whole section, the shipped network
+def test_channels_last_weights_keep_single_section_activations_channels_last(batch, stem_stride):
+    """With channels-last weights every convolution after the stem sees a channels-last input (oneDNN copies any
+    other layout), the 1x1x1 predictors included, and the logits equal those of the channel-first network."""
     from scripts.layers import SectionConv3d, to_channels_last_3d
 
-    net = small(norm="instance", upsample="interpolate").eval()
-    x = torch.randn(2, 1, 32, 40, 1)
+    net = small(norm="instance", upsample="interpolate", stem_stride=stem_stride).eval()
+    x = torch.randn(batch, 1, 32, 48, 1)
     with torch.no_grad():
         expected = net(x)
     to_channels_last_3d(net)

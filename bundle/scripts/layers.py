@@ -45,8 +45,8 @@ class SectionConv3d(nn.Conv3d):
     section, and a (3, 3, 1) kernel never reaches across sections: either way the result is a 2D convolution with
     the kernel's central z-slice. CPU libraries run that 2-3x faster than the equivalent 3D call (measured with
     oneDNN on (4, 16, 256, 256, 1) windows), and single-section windows are the CPU default. A 1x1x1 kernel runs as
-    a 1x1 2D convolution for any ``Z``: oneDNN's 3D backward of the predictors took 0.34 s a call on such a
-    window, a fifth of a training step.
+    a 1x1 2D convolution for any ``Z`` (oneDNN's 3D backward of the predictors took 0.34 s a call on such a
+    window, a fifth of a training step), or on a channels-last input as a linear layer over the channels.
 
     ``channels_last`` (set by ``to_channels_last_3d``) keeps single-section outputs channels-last: oneDNN takes its
     output layout from the input's or the weight's, which a 1-channel image or the central slice of a 3x3x3 kernel
@@ -60,8 +60,13 @@ class SectionConv3d(nn.Conv3d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         kz, pz = self.kernel_size[2], self.padding[2]
         if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1:
-            # a 1x1x1 convolution is a per-voxel matrix product: one 1x1 2D call over (X, Y * Z)
-            b, _, sx, sy, sz = input.shape
+            # a 1x1x1 convolution is a per-voxel matrix product
+            if self.channels_last and input.is_contiguous(memory_format=torch.channels_last_3d):
+                # a linear layer on the (B, X, Y, Z, C) view, whose memory is contiguous: channels-last out (the
+                # 1x1 2D call returns a channel-first tensor here, which every consumer then copied back)
+                weight = self.weight.reshape(self.out_channels, -1)
+                return F.linear(input.permute(0, 2, 3, 4, 1), weight, self.bias).permute(0, 4, 1, 2, 3)
+            b, _, sx, sy, sz = input.shape  # one 1x1 2D call over (X, Y * Z)
             out = F.conv2d(input.reshape(b, -1, sx, sy * sz), self.weight.squeeze(-1), self.bias)
             return out.reshape(b, -1, sx, sy, sz)
         if input.shape[-1] == 1 and kz == 2 * pz + 1 and self.stride[2] == 1 and self.padding_mode == "zeros":
