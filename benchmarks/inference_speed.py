@@ -82,7 +82,7 @@ from train_step import float32_peak, higher_peak  # noqa: E402
 
 sys.path.insert(0, str(REPO))  # the tools package
 from scripts.blockwise import BlockwiseInference  # noqa: E402
-from scripts.inference import class_indices  # noqa: E402
+from scripts.inference import class_indices, fitted_window  # noqa: E402
 from scripts.io import SAMPLE_DATA  # noqa: E402
 from scripts.io import load_weights  # noqa: E402
 from scripts.layers import (  # noqa: E402
@@ -99,6 +99,7 @@ from tools.tables import markdown_table  # noqa: E402
 
 DATA = SAMPLE_DATA / "platelet"
 TRAIN_WINDOW = (296, 296, 5)
+SLICE_SHAPE = (800, 800, 1)  # the platelet slice (x, y, z)
 VALIDATION_ROWS = slice(560, 800)  # the datalist's validation region, rows y >= 560
 
 
@@ -215,8 +216,8 @@ def _slice_inference(network: torch.nn.Module, parser: ConfigParser, roi=None, *
         network,
         roi or parser["infer_window"],
         0.25,
-        (800, 800, 1),
-        fit_axes=(2,),
+        SLICE_SHAPE,
+        fit_axes=parser["window_fit_axes"],
         fit_divisor=network.spatial_divisor,
         fit_min=parser["train_window"],
         sw_batch_size=parser.get_parsed_content("sw_batch_size"),
@@ -224,6 +225,13 @@ def _slice_inference(network: torch.nn.Module, parser: ConfigParser, roi=None, *
     )
     inference.progress = False
     return inference
+
+
+def _slice_window(network: torch.nn.Module, parser: ConfigParser) -> list[int]:
+    """inference.json's window as it is fitted to the platelet slice (the whole slice)."""
+    return fitted_window(
+        SLICE_SHAPE, parser["infer_window"], parser["window_fit_axes"], network.spatial_divisor, parser["train_window"]
+    )
 
 
 def _validation_miou(pred: np.ndarray, labels: np.ndarray, parser: ConfigParser) -> dict:
@@ -409,14 +417,16 @@ def profile(top: int = 8) -> dict:
                 report.setdefault(path, {})[name] = {"seconds": round(seconds, 3), "operators": rows}
         finally:
             SectionConv3d.forward = section_forward
-    window = list(_slice_inference(network, parser).grid(volume).roi_size)
-    return {"model": "models/model.pt (configs/inference.json network)", "window": window, **report}
+    return {
+        "model": "models/model.pt (configs/inference.json network)",
+        "window": _slice_window(network, parser),
+        **report,
+    }
 
 
 def compile_trial(repeats: int = 10) -> dict:
     network, parser = _shipped_model()
-    window = _slice_inference(network, parser).grid(ArrayVolume(np.zeros((800, 800, 1), np.float32))).roi_size
-    batch = torch.randn(1, 1, *window)
+    batch = torch.randn(1, 1, *_slice_window(network, parser))
     compiled = torch.compile(network)
     rows = []
     with torch.inference_mode():

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
-from scripts.inference import class_indices, fitted_window
+from scripts.inference import class_indices, fit_multiple, fitted_window
 from scripts.label_volumes import ZarrLabelWriter
 from scripts.layers import to_channels_last_3d
 from scripts.volumes import Box, Volume
@@ -223,10 +223,9 @@ class BlockwiseInference:
         """The configured window, capped along x and y where ``volume`` spans several blocks (see Args)."""
         roi = list(self.roi_size)
         for axis in (0, 1):
-            multiple = self.fit_divisor or self.fit_min[axis]  # as fitted_window's
-            cap = max(self.block_size[axis] // 4 // multiple * multiple, multiple)
-            if multiple > 1 and volume.shape[axis] > self.block_size[axis] and roi[axis] > cap:
-                roi[axis] = cap
+            multiple = fit_multiple(self.fit_divisor, self.fit_min[axis])
+            if multiple and volume.shape[axis] > self.block_size[axis]:
+                roi[axis] = min(roi[axis], max(self.block_size[axis] // 4 // multiple * multiple, multiple))
         return roi
 
     def grid(self, volume: Volume) -> WindowGrid:

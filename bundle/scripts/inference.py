@@ -58,6 +58,12 @@ class FlipTTA(nn.Module):
         return f"axes={self.axes}"
 
 
+def fit_multiple(fit_divisor: int, fit_min: int) -> int:
+    """The multiple a fitted window keeps along x or y: the network's divisor, else the training window (the network
+    accepts it and its multiples), else 0: that axis is not fitted."""
+    return fit_divisor if fit_divisor > 0 else fit_min if fit_min > 1 else 0
+
+
 def fitted_window(
     shape: Sequence[int],
     roi_size: Sequence[int],
@@ -84,8 +90,7 @@ def fitted_window(
     """
     roi = [int(r) for r in roi_size]
     for axis in (0, 1):
-        # without a known divisor the training window serves: the network accepts it and its multiples
-        multiple = fit_divisor if fit_divisor > 0 else int(fit_min[axis]) if fit_min[axis] > 1 else 0
+        multiple = fit_multiple(fit_divisor, int(fit_min[axis]))
         if multiple:
             fitted = max(-(-int(shape[axis]) // multiple) * multiple, int(fit_min[axis]))
             roi[axis] = min(roi[axis], fitted)
