@@ -26,6 +26,12 @@ speed-up and validation MIoU of each; and the paper-size network's forward on on
 (296, 296, 24) window in both precisions (random weights: speed only). It ends with the throughput table of this
 machine: voxels/s, minutes per gigavoxel and the useful share of the float32 peak of each.
 
+``--part volume``: the shipped model block-wise on the platelet slice tiled to a volume of several blocks and
+windows (5 x 5 tiles, 2 sections: 4000 x 4000 x 2), with ``configs/large_volume.json``'s block size and batches
+against those it had before (1024 x 1024 x 32 blocks, which capped the window at 256 x 256, and four windows a
+forward pass), float32 and bfloat16, channels-last: seconds, voxels/s, minutes per gigavoxel, the useful share of
+the float32 peak, and the share of voxels whose labels the two settings agree on.
+
 ``--part profile``: where the shipped model's block-wise inference of the platelet slice spends its time, operator by
 operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
 path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3D call ``nn.Conv3d`` makes).
@@ -48,6 +54,7 @@ them as JSON. Usage (from the repository root)::
 
     python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 448, 24]"] [--overlap 0.15]
     python benchmarks/inference_speed.py --part bf16
+    python benchmarks/inference_speed.py --part volume [--tiles 5] [--depth 2]
     python benchmarks/inference_speed.py --part profile [--top 8]
     python benchmarks/inference_speed.py --part compile [--repeats 10]
     python benchmarks/inference_speed.py --part operators [--repeats 30]
@@ -61,6 +68,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import fire
@@ -201,9 +209,10 @@ def speed(
     }
 
 
-def _shipped_model() -> tuple[torch.nn.Module, ConfigParser]:
+def _shipped_model(overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, ConfigParser]:
+    """The shipped model in eval mode, and inference.json's parser (with ``overrides``, files in configs/)."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ("inference.json", *overrides)])
     parser["bundle_root"] = str(BUNDLE)
     network = load_weights(parser.get_parsed_content("network_def"), BUNDLE / "models" / "model.pt").eval()
     return network, parser
@@ -211,17 +220,21 @@ def _shipped_model() -> tuple[torch.nn.Module, ConfigParser]:
 
 def _slice_inference(network: torch.nn.Module, parser: ConfigParser, roi=None, **kwargs) -> BlockwiseInference:
     """Block-wise inference of the platelet slice (one block) with inference.json's window (or ``roi``), fitted
-    to the slice as inference.json fits it; ``kwargs`` go to ``BlockwiseInference``."""
+    to the slice as inference.json fits it, and its batches; ``kwargs`` go to ``BlockwiseInference``."""
+    settings = {
+        "block_size": SLICE_SHAPE,
+        "sw_batch_size": parser.get_parsed_content("sw_batch_size"),
+        "sw_batch_voxels": parser["sw_batch_voxels"],
+        **kwargs,
+    }
     inference = BlockwiseInference(
         network,
         roi or parser["infer_window"],
         0.25,
-        SLICE_SHAPE,
         fit_axes=parser["window_fit_axes"],
         fit_divisor=network.spatial_divisor,
         fit_min=parser["train_window"],
-        sw_batch_size=parser.get_parsed_content("sw_batch_size"),
-        **kwargs,
+        **settings,
     )
     inference.progress = False
     return inference
@@ -316,8 +329,7 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
     shipped_flops = flops_per_voxel(network, window)
     rows = [
         _throughput(
-            "shipped model, block-wise, whole slice",
-            layout,
+            {"network and path": "shipped model, block-wise, whole slice", "layout": layout},
             name,
             math.prod(image.shape),
             timing["seconds"],
@@ -331,8 +343,7 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
     paper_flops = flops_per_voxel(HybridUNet2D3D(out_channels=7, features=64).eval(), paper_window)
     rows += [
         _throughput(
-            "paper network, forward of one window",
-            "channels_last",
+            {"network and path": "paper network, forward of one window", "layout": "channels_last"},
             name,
             math.prod(paper_window),
             seconds,
@@ -353,14 +364,12 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
     }
 
 
-def _throughput(
-    what: str, layout: str, precision: str, voxels: int, seconds: float, flops: float, peak_gflops: float
-) -> dict:
-    """One row of the throughput table: voxels/s, minutes per gigavoxel, and useful GFLOP/s against the peak."""
+def _throughput(what: dict, precision: str, voxels: int, seconds: float, flops: float, peak_gflops: float) -> dict:
+    """One row of the throughput table: ``what`` (its first columns), voxels/s, minutes per gigavoxel, and useful
+    GFLOP/s against the peak."""
     rate = voxels / seconds
     return {
-        "network and path": what,
-        "layout": layout,
+        **what,
         "precision": precision,
         "voxels/s": round(rate),
         "min per gigavoxel": round(1e9 / rate / 60, 1),
@@ -380,6 +389,72 @@ def _paper_size_bf16(window: tuple) -> dict:
                 network(batch[..., :5])  # warm-up
                 seconds[name] = round(_timed(lambda: network(batch))[1], 2)
     return {"window": list(window), "seconds": seconds, "speed_up": round(seconds["float32"] / seconds["bfloat16"], 2)}
+
+
+def large_volume(tiles: int = 5, depth: int = 2) -> dict:
+    """The shipped model block-wise on the platelet slice tiled ``tiles`` x ``tiles`` and repeated to ``depth``
+    sections (4000 x 4000 x 2 by default, several blocks and windows): large_volume.json's blocks and batches against
+    those before them (1024 x 1024 x 32 blocks, which capped the window at 256 x 256, four windows a pass),
+    float32 and bf16, channels-last."""
+    peak_at_start = float32_peak()
+    network, parser = _shipped_model(["large_volume.json"])
+    image, _ = _platelet_stack(depth)
+    tiled = np.tile(image, (tiles, tiles, 1))
+    volume = ArrayVolume(tiled, f"platelet slice tiled {tiles} x {tiles}", (10.0, 10.0, 50.0))
+    settings = {
+        "large_volume.json": {
+            "block_size": parser.get_parsed_content("block_size"),
+            "sw_batch_voxels": parser["sw_batch_voxels"],
+        },
+        "before (1024 x 1024 x 32 blocks, 4 windows a pass)": {"block_size": [1024, 1024, 32], "sw_batch_voxels": 0},
+    }
+    _slice_inference(network, parser, channels_last=True)(ArrayVolume(image[..., :1]), _fresh("warm_up"))
+    results, labels = {}, {}
+    for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+        for path, setting in settings.items():
+            inference = _slice_inference(network, parser, bf16=use_bf16, channels_last=True, **setting)
+            out = _fresh(f"volume_{name}_{len(results)}")
+            seconds = _timed(lambda: inference(volume, out))[1]
+            labels[path, name] = zarr.open_array(out / "labels", mode="r")[...]
+            grid = inference.grid(volume)
+            results.setdefault(path, {})[name] = {"window": list(grid.roi_size), "seconds": round(seconds, 2)}
+            _remove(out)
+    peak = higher_peak(peak_at_start, float32_peak())
+    flops = flops_per_voxel(network, parser["train_window"])
+    rows = [
+        _throughput(
+            {"settings": path, "window": " x ".join(map(str, timing["window"]))},
+            name,
+            tiled.size,
+            timing["seconds"],
+            flops,
+            peak,
+        )
+        for path in results
+        for name, timing in results[path].items()
+    ]
+    agreement = {
+        name: round(float((labels[first, name] == labels[second, name]).mean()), 5)
+        for first, second in [list(settings)]
+        for name in ("float32", "bfloat16")
+    }
+    print(f"\n{volume.path}, {tiled.shape} voxels\n" + markdown_table(rows) + f"\nlabels agree: {agreement}\n")
+    return {
+        "model": "models/model.pt (configs/inference.json + configs/large_volume.json)",
+        "volume_shape": list(tiled.shape),
+        "settings": settings,
+        **results,
+        "labels_agree": agreement,
+        "fp32_peak_gflops": peak,
+        "throughput": rows,
+    }
+
+
+def _fresh(name: str) -> Path:
+    """An output path under runs/inference_speed/ with nothing there."""
+    out = REPO / "runs" / "inference_speed" / f"{name}.zarr"
+    _remove(out)
+    return out
 
 
 def profile(top: int = 8) -> dict:
@@ -564,6 +639,7 @@ def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
         "speed": speed,
         "bf16": bf16,
         "profile": profile,
+        "volume": large_volume,
         "compile": compile_trial,
         "operators": operators,
         "windows": windows,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,6 +107,18 @@ def test_fitted_divisor_matches_the_in_memory_inferer_and_caps_windows_spanning_
     # x spans two 32-wide blocks: capped at a quarter block (8 -> the divisor 16); y within one block: fitted
     spanning = BlockwiseInference(network, (64, 64, 8), 0.25, (32, 64, 2), fit_axes=(2,), fit_divisor=16)
     assert spanning.grid(volume).roi_size == (16, 64, 3)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", ">i2", "float32"])
+def test_intensity_statistics_are_those_of_the_whole_volume(dtype):
+    # 8- and 16-bit integers through their histogram (signed and big-endian ones too), floats by Chan's update
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(np.float16)
+    array = rng.integers(int(info.min), int(info.max) + 1, (30, 20, 7)).astype(dtype)
+    mean, std = intensity_statistics(ArrayVolume(array), (16, 8, 3), progress=False)
+    np.testing.assert_allclose([mean, std], [array.astype(np.float64).mean(), array.astype(np.float64).std()])
+    with pytest.raises(ValueError, match="the image is constant"):
+        intensity_statistics(ArrayVolume(np.full((30, 20, 7), 3, dtype)), (16, 8, 3), progress=False)
 
 
 def test_window_grid_is_sliding_window_inference_grid_not_splitter_grid():
@@ -275,6 +288,35 @@ def test_config_network_composes_with_ensemble_and_tta(ensemble_last, tmp_path):
         members = [tiny_network(0, **CONFIG_NETWORK), tiny_network(1, **CONFIG_NETWORK)]
         expected = FlipTTA(EnsembleNetwork(members), (0, 1))(x)
         torch.testing.assert_close(network(x), expected)
+
+
+def test_windows_per_pass_follow_the_voxel_cap():
+    array = synthetic_volume((70, 50, 3))
+    network = tiny_network()
+    batches = []
+    forward = network.forward
+    network.forward = lambda x: (batches.append(x.shape[0]), forward(x))[1]
+    capped = BlockwiseInference(network, (32, 32, 1), 0.25, (70, 50, 3), sw_batch_size=4, sw_batch_voxels=2048)
+    uncapped = BlockwiseInference(network, (32, 32, 1), 0.25, (70, 50, 3), sw_batch_size=4)
+    volume = ArrayVolume(array)
+    expected = blockwise_logits(uncapped, volume)
+    assert max(batches) == 4
+    batches.clear()
+    torch.testing.assert_close(blockwise_logits(capped, volume), expected)
+    assert max(batches) == 2  # two 32 x 32 windows make the 2048 voxels
+
+
+@pytest.mark.parametrize("window, blocks", [([1024, 1024, 1], [4096, 4096, 2]), ([296, 296, 5], [1024, 1024, 32])])
+def test_large_volume_blocks_keep_section_windows_whole(window, blocks):
+    # single-section windows: blocks as wide as four windows, so that the window is not capped below
+    # inference.json's (see BlockwiseInference's fit_divisor); thicker windows: blocks deep enough for them in z
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs/inference.json"), str(BUNDLE / "configs/large_volume.json")])
+    parser["infer_window"] = window
+    assert parser.get_parsed_content("block_size") == blocks
+    if window[2] == 1:
+        inference = BlockwiseInference(tiny_network(), window, 0.25, blocks, fit_divisor=16, fit_min=(256, 256))
+        assert inference.window(SimpleNamespace(shape=(10000, 10000, 40))) == window
 
 
 def test_prepare_network_loads_ckpt_path(tmp_path):

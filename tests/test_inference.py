@@ -5,7 +5,14 @@ from monai.inferers import SlidingWindowInferer
 
 from conftest import BUNDLE
 from scripts.ensembles import EnsembleNetwork
-from scripts.inference import CentreWindowInferer, FittedSlidingWindowInferer, FlipTTA, class_indices, fitted_window
+from scripts.inference import (
+    CentreWindowInferer,
+    FittedSlidingWindowInferer,
+    FlipTTA,
+    class_indices,
+    fitted_batch_size,
+    fitted_window,
+)
 
 
 def conv_network(seed: int) -> torch.nn.Module:
@@ -134,6 +141,33 @@ def test_fitted_window_keeps_the_network_divisor_in_x_and_y():
     inferer = FittedSlidingWindowInferer((128, 128, 1), fit_divisor=16, overlap=0.25, mode="gaussian")
     torch.testing.assert_close(inferer(section, predictor), section * 3)
     assert shapes == [(80, 96, 1)]  # one window: the section padded to multiples of 16, not to 128 x 128
+
+
+def test_batch_of_windows_is_capped_by_its_voxels():
+    assert fitted_batch_size(4, (256, 256, 1), 262144) == 4
+    assert fitted_batch_size(4, (512, 512, 1), 262144) == 1
+    assert fitted_batch_size(4, (384, 256, 1), 262144) == 2
+    assert fitted_batch_size(4, (1024, 1024, 1), 262144) == 1  # never below one window
+    assert fitted_batch_size(4, (1024, 1024, 1), 0) == 4  # no cap
+
+    batches = []
+
+    def predictor(windows):
+        batches.append(windows.shape[0])
+        return windows * 3
+
+    volume = torch.randn(1, 1, 150, 150, 1)
+    capped = FittedSlidingWindowInferer(
+        (64, 64, 1), fit_divisor=16, sw_batch_size=4, sw_batch_voxels=2 * 64 * 64, overlap=0.25, mode="gaussian"
+    )
+    torch.testing.assert_close(capped(volume, predictor), volume * 3)
+    assert max(batches) == 2 and sum(batches) == 9  # 3 x 3 windows of 64, two a pass
+    batches.clear()
+    fitted = FittedSlidingWindowInferer(
+        (256, 256, 1), fit_divisor=16, fit_min=(256, 256), sw_batch_size=4, sw_batch_voxels=2 * 64 * 64
+    )
+    fitted(torch.randn(1, 1, 40, 40, 3), predictor)  # fitted to (256, 256, 1) at least: one window a pass
+    assert batches == [1, 1, 1]
 
 
 def test_class_indices_is_argmax_with_its_first_maximum_on_ties():

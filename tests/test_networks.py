@@ -392,6 +392,26 @@ def test_instance_group_norm_equals_instance_norm(sections, channels, size):
     assert norm(channels_last).is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_inplace_relu_is_the_relu_in_place_with_and_without_gradients(dtype):
+    from scripts.layers import InplaceReLU
+
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(2, 4, 9, 7, 3).flatten() * 5, torch.tensor([0.0, -0.0, float("inf"), -1e-30])])
+    x = values.to(dtype).reshape(1, 1, -1, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+    relu = InplaceReLU()
+    with torch.inference_mode():
+        y = x.clone()
+        assert relu(y) is y
+        assert torch.equal(y, torch.relu(x))
+    leaf = x.float().requires_grad_()
+    inner = leaf.to(dtype) * 1  # an activation that is not a leaf, as in a network
+    relu(inner).sum().backward()
+    torch.testing.assert_close(leaf.grad, (x > 0).float())
+    assert torch.jit.script(relu)(x.clone()).equal(torch.relu(x))
+    assert all(isinstance(m.adn.A, InplaceReLU) for m in HybridUNet2D3D(features=4).modules() if hasattr(m, "adn"))
+
+
 @pytest.mark.parametrize("batch,stem_stride", [(2, 1), (1, 2)])  # (1, 2): one whole section, the shipped network
 def test_channels_last_weights_keep_single_section_activations_channels_last(batch, stem_stride):
     """With channels-last weights every convolution after the stem sees a channels-last input (oneDNN copies any

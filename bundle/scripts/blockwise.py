@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from scripts.block_markers import BlockMarkers, network_fingerprint
 from scripts.distributed import barrier, rank_and_world
-from scripts.inference import class_indices, fit_multiple, fitted_window
+from scripts.inference import class_indices, fit_multiple, fitted_batch_size, fitted_window
 from scripts.label_volumes import ZarrLabelWriter
 from scripts.layers import to_channels_last_3d
 from scripts.volumes import Box, Volume
@@ -106,6 +106,15 @@ class WindowGrid:
         return [tuple(int(s) for s in start) for start in itertools.product(*per_axis)]
 
 
+def _zeros_in_layout_of(logits: torch.Tensor, core_shape: Sequence[int]) -> torch.Tensor:
+    """A float32 zero map ``(C, *core_shape)`` laid out in memory like ``logits`` ``(B, C, X, Y, Z)``: channels-last
+    logits added into a channel-first map were transposed voxel by voxel (3x slower for 1024 x 1024 windows)."""
+    channels = logits.shape[1]
+    if logits.is_contiguous() or not logits.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.zeros((channels, *core_shape), device=logits.device)
+    return torch.zeros((*core_shape, channels), device=logits.device).permute(3, 0, 1, 2)
+
+
 def block_boxes(shape: Sequence[int], block_size: Sequence[int]) -> list[list[list[int]]]:
     """Boxes ``[[x0, x1], [y0, y1], [z0, z1]]`` tiling ``shape`` by ``block_size``, x fastest (z-slab by z-slab)."""
     ranges = [[[lo, min(lo + b, s)] for lo in range(0, s, b)] for s, b in zip(shape, block_size)]
@@ -115,26 +124,41 @@ def block_boxes(shape: Sequence[int], block_size: Sequence[int]) -> list[list[li
 def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bool = True) -> tuple[float, float]:
     """Mean and (population) standard deviation of every voxel, streamed block by block in float64.
 
-    Blocks are merged with Chan et al.'s pairwise update, which keeps its precision where the mean is large
-    against the spread. A volume with NaN, infinite or constant intensities is refused, as
-    ``scripts.transforms.ValidateVolumed`` refuses it.
+    8- and 16-bit integer volumes (most EM) are counted into a histogram of their values, from which the
+    statistics follow exactly (8x faster than float64 sums on a 16-megavoxel uint16 block). Other types merge
+    blocks with Chan et al.'s pairwise update, which keeps its precision where the mean is large against the
+    spread. A volume with NaN, infinite or constant intensities is refused, as ``scripts.transforms.ValidateVolumed``
+    refuses it.
 
     Args:
         volume: the volume.
         block_size: block shape (x, y, z) read at a time.
         progress: show a progress bar.
     """
-    count, mean, squares = 0, 0.0, 0.0
-    for box in tqdm(block_boxes(volume.shape, block_size), desc="intensity statistics", disable=not progress):
-        block = volume.read(box).astype(np.float64)
-        block_mean = float(block.mean())
-        block_squares = float(np.square(block - block_mean).sum())
-        total = count + block.size
-        delta = block_mean - mean
-        mean += delta * block.size / total
-        squares += block_squares + delta * delta * count * block.size / total
-        count = total
-    std = math.sqrt(squares / count)
+    boxes = tqdm(block_boxes(volume.shape, block_size), desc="intensity statistics", disable=not progress)
+    dtype = np.dtype(volume.dtype)
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        as_unsigned = dtype.str.replace("i", "u")  # the same bits, counted as non-negative bins
+        counts = np.zeros(2 ** (8 * dtype.itemsize), np.int64)
+        for box in boxes:
+            counts += np.bincount(volume.read(box).view(as_unsigned).ravel(), minlength=counts.size)
+        native = np.dtype(f"u{dtype.itemsize}")
+        values = np.arange(counts.size).astype(native).view(native.str.replace("u", dtype.kind)).astype(np.float64)
+        count = int(counts.sum())
+        mean = float(counts @ values) / count
+        std = math.sqrt(float(counts @ np.square(values - mean)) / count)
+    else:
+        count, mean, squares = 0, 0.0, 0.0
+        for box in boxes:
+            block = volume.read(box).astype(np.float64)
+            block_mean = float(block.mean())
+            block_squares = float(np.square(block - block_mean).sum())
+            total = count + block.size
+            delta = block_mean - mean
+            mean += delta * block.size / total
+            squares += block_squares + delta * delta * count * block.size / total
+            count = total
+        std = math.sqrt(squares / count)
     if not (math.isfinite(mean) and math.isfinite(std)):
         raise ValueError(f"{volume.path}: the image contains NaN or infinite values")
     if std == 0:
@@ -160,6 +184,8 @@ class BlockwiseInference:
         overlap: MONAI's window overlap.
         block_size: block core (x, y, z): the unit of writing, resuming and memory use.
         sw_batch_size: windows per forward pass.
+        sw_batch_voxels: at most this many voxels of windows per forward pass (fewer windows where they are large:
+            ``scripts.inference.fitted_batch_size``); 0: ``sw_batch_size`` windows whatever their size.
         device: where the network runs (windows go there, results come back to the CPU); default: the device of
             the network's parameters.
         fit_axes: axes along which the window is cut to the volume instead of padding it (inference.json's
@@ -186,6 +212,7 @@ class BlockwiseInference:
         overlap: float | Sequence[float] = 0.25,
         block_size: Sequence[int] = (1024, 1024, 32),
         sw_batch_size: int = 1,
+        sw_batch_voxels: int = 0,
         device: str | torch.device | None = None,
         fit_axes: Sequence[int] = (),
         fit_divisor: int = 0,
@@ -211,6 +238,7 @@ class BlockwiseInference:
         self.overlap = list(ensure_tuple_rep(overlap, 3))
         self.block_size = [int(b) for b in block_size]
         self.sw_batch_size = int(sw_batch_size)
+        self.sw_batch_voxels = int(sw_batch_voxels)
         self.fit_axes = [int(a) for a in fit_axes]
         self.fit_divisor = int(fit_divisor)
         self.fit_min = [int(m) for m in fit_min[:2]]
@@ -277,7 +305,7 @@ class BlockwiseInference:
         hi = [max(s[a] for s in windows) + roi[a] for a in range(3)]
         # the windows' union, padded with 0 (the normalised mean) where it leaves the volume, as MONAI pads
         read_box = [[max(low, 0), min(h, s)] for low, h, s in zip(lo, hi, volume.shape)]
-        read = (torch.from_numpy(volume.read(read_box).astype(np.float32)) - mean) / std
+        read = torch.from_numpy(volume.read(read_box).astype(np.float32)).sub_(mean).div_(std)
         if read_box == [[low, h] for low, h in zip(lo, hi)]:
             image = read[None, None]
         else:
@@ -286,8 +314,9 @@ class BlockwiseInference:
         core_shape = [c1 - c0 for c0, c1 in core]
         importance = grid.importance.to(self.device)
         blended = weight = None
-        for first in range(0, len(windows), self.sw_batch_size):
-            batch = windows[first : first + self.sw_batch_size]
+        batch_size = fitted_batch_size(self.sw_batch_size, roi, self.sw_batch_voxels)
+        for first in range(0, len(windows), batch_size):
+            batch = windows[first : first + batch_size]
             inputs = torch.cat(
                 [
                     image[(slice(None), slice(None), *(slice(s - low, s - low + r) for s, low, r in zip(w, lo, roi)))]
@@ -306,18 +335,21 @@ class BlockwiseInference:
                 crop = [slice(c0 - s, c1 - s) for s, (c0, c1) in zip(batch[0], core)]
                 return logits[(0, slice(None), *crop)].float()
             if blended is None:
-                blended = torch.zeros((logits.shape[1], *core_shape), device=self.device)
+                blended = _zeros_in_layout_of(logits, core_shape)
                 weight = torch.zeros(core_shape, device=self.device)
             # only the part of each window inside the core is kept: the core's voxels see every window covering them
-            for start, window_logits in zip(batch, logits.float() * importance):
+            for start, window_logits in zip(batch, logits):
                 in_window, in_core = [], []
                 for s, r, (c0, c1) in zip(start, roi, core):
                     o0, o1 = max(s, c0), min(s + r, c1)
                     in_window.append(slice(o0 - s, o1 - s))
                     in_core.append(slice(o0 - c0, o1 - c0))
-                blended[(slice(None), *in_core)] += window_logits[(slice(None), *in_window)]
+                # float32 sums of (bf16) logits times the Gaussian weights, in one pass
+                blended[(slice(None), *in_core)].addcmul_(
+                    window_logits[(slice(None), *in_window)], importance[tuple(in_window)]
+                )
                 weight[tuple(in_core)] += importance[tuple(in_window)]
-        return blended / weight
+        return blended.div_(weight)
 
     def __call__(self, volume: Volume, output: str | os.PathLike) -> BlockwiseResult:
         """Segment ``volume`` into the Zarr group ``output``, resuming a run of the same settings found there.

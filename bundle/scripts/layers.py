@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
 __all__ = [
+    "InplaceReLU",
     "InstanceGroupNorm3d",
     "NearestUpsample3d",
     "SectionConv3d",
@@ -123,6 +124,29 @@ class InstanceGroupNorm3d(nn.InstanceNorm3d):
         return out.contiguous(memory_format=torch.channels_last_3d)
 
 
+class InplaceReLU(nn.ReLU):
+    """``nn.ReLU(inplace=True)`` whose bfloat16 inference clamps the values' int16 view at 0.
+
+    A bfloat16 value is negative exactly when its sign bit, the int16 view's, is set, so clamping that view at 0
+    maps every negative value (and -0) to +0 and keeps the rest: the ReLU, bit for bit, except that a NaN with the
+    sign bit set becomes 0. PyTorch's CPU bf16 ReLU took twice float32's time per value (half the bytes); the
+    integer clamp ran 3.5x faster than it on a (1, 16, 512, 512, 1) channels-last activation (2 threads), where the
+    ReLU had been a tenth of the shipped model's bf16 inference. With gradients (training) and in TorchScript the
+    library ReLU runs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(inplace=True)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript has no view as another dtype
+            return F.relu(input, inplace=True)
+        if input.dtype == torch.bfloat16 and not (input.requires_grad and torch.is_grad_enabled()):
+            input.view(torch.int16).clamp_min_(0)
+            return input
+        return F.relu(input, inplace=True)
+
+
 class StridedMaxPool3d(nn.Module):
     """``nn.MaxPool3d(factor, factor)`` that runs in eval mode as the maximum of the input's ``factor`` strided views.
 
@@ -202,6 +226,7 @@ def conv_block(
     section_conv = SectionConv3d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
     section_conv.load_state_dict(conv.state_dict())
     block.conv = section_conv
+    block.adn.A = InplaceReLU()
     instance_norm = getattr(block.adn, "N", None)
     if isinstance(instance_norm, nn.InstanceNorm3d):
         group_norm = InstanceGroupNorm3d(out_channels, eps=instance_norm.eps, affine=instance_norm.affine)
