@@ -144,9 +144,10 @@ def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bo
             counts += np.bincount(volume.read(box).view(as_unsigned).ravel(), minlength=counts.size)
         native = np.dtype(f"u{dtype.itemsize}")
         values = np.arange(counts.size).astype(native).view(native.str.replace("u", dtype.kind)).astype(np.float64)
+        # element-wise sums, not `@`: numpy's matrix product wakes BLAS threads that then spin beside torch's
         count = int(counts.sum())
-        mean = float(counts @ values) / count
-        std = math.sqrt(float(counts @ np.square(values - mean)) / count)
+        mean = float((counts * values).sum()) / count
+        std = math.sqrt(float((counts * np.square(values - mean)).sum()) / count)
     else:
         count, mean, squares = 0, 0.0, 0.0
         for box in boxes:
