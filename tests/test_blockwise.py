@@ -250,6 +250,26 @@ def test_restart_recomputes_unmarked_blocks_and_refuses_other_settings(tmp_path)
         inference(volume, tmp_path / "foreign.zarr")
 
 
+def test_network_fingerprint_follows_weight_changes_and_is_hashed_once_otherwise(monkeypatch):
+    import scripts.block_markers as block_markers
+
+    network = tiny_network()
+    fingerprint = BlockwiseInference(network, (32, 32, 4)).fingerprint
+    hashed = []
+    monkeypatch.setattr(block_markers, "network_fingerprint", lambda n: hashed.append(1) or str(len(hashed)))
+    first = fingerprint()
+    assert fingerprint() == first and len(hashed) == 1  # nothing changed: not hashed again
+    weight = next(network.parameters())
+    with torch.no_grad():
+        weight.add_(1)  # in place, as a checkpoint loads
+    assert fingerprint() != first and len(hashed) == 2
+    weight.data = weight.data.clone()  # replaced
+    assert len({fingerprint(), fingerprint()}) == 1 and len(hashed) == 3
+    network.net_2d.encoder[0][0].adn.A = torch.nn.Identity()  # the structure
+    fingerprint()
+    assert len(hashed) == 4
+
+
 def test_datalist_volumes_check_spacing(tmp_path):
     zarr.save_array(tmp_path / "a.zarr", synthetic_volume((4, 32, 48)))
     tifffile.imwrite(tmp_path / "b.tif", synthetic_volume((4, 32, 48)))

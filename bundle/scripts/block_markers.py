@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,31 @@ def network_fingerprint(network: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+class NetworkFingerprint:
+    """:func:`network_fingerprint` of one network, hashed again only where its structure or weights may have changed:
+    a tensor replaced (another storage) or written in place (its version counter moved). Hashing the shipped model's
+    weights took 6 ms a volume, a twelfth of the bf16 inference of an 800 x 800 section.
+
+    Args:
+        network: the network to identify.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+        self._key: Optional[tuple] = None
+        self._digest = ""
+
+    def __call__(self) -> str:
+        try:
+            weights = tuple((n, t.data_ptr(), t._version) for n, t in self.network.state_dict().items())
+        except RuntimeError:  # inference tensors keep no version counter: hash every time
+            return network_fingerprint(self.network)
+        key = (repr(self.network), weights)
+        if key != self._key:
+            self._digest, self._key = network_fingerprint(self.network), key
+        return self._digest
 
 
 class BlockMarkers:

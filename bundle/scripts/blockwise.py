@@ -38,7 +38,7 @@ from monai.inferers.utils import _get_scan_interval  # the public SlidingWindowS
 from monai.utils import ensure_tuple_rep
 from tqdm import tqdm
 
-from scripts.block_markers import BlockMarkers, network_fingerprint
+from scripts.block_markers import BlockMarkers, NetworkFingerprint
 from scripts.distributed import barrier, rank_and_world
 from scripts.inference import class_indices, fit_multiple, fitted_batch_size, fitted_window
 from scripts.label_volumes import ZarrLabelWriter
@@ -232,6 +232,7 @@ class BlockwiseInference:
             device = next(network.parameters(), torch.empty(0)).device
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
+        self.fingerprint = NetworkFingerprint(self.network)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             to_channels_last_3d(self.network)
@@ -276,7 +277,7 @@ class BlockwiseInference:
             "shape": list(volume.shape),
             "dtype": str(volume.dtype),
             "spacing": list(volume.spacing) if volume.spacing is not None else None,
-            "network": {"class": type(self.network).__name__, "sha256": network_fingerprint(self.network)},
+            "network": {"class": type(self.network).__name__, "sha256": self.fingerprint()},
             "roi_size": self.roi_size,
             "overlap": self.overlap,
             "block_size": self.block_size,
