@@ -32,6 +32,10 @@ against those it had before (1024 x 1024 x 32 blocks, which capped the window at
 forward pass), float32 and bfloat16, channels-last: seconds, voxels/s, minutes per gigavoxel, the useful share of
 the float32 peak, and the share of voxels whose labels the two settings agree on.
 
+``--part allocator``: the shipped model's forward on the platelet slice in fresh processes, alternately with glibc's
+default allocator and after ``scripts.allocator.reuse_freed_memory`` (as the workflows run): seconds and page faults
+per forward, float32 and bfloat16.
+
 ``--part profile``: where the shipped model's block-wise inference of the platelet slice spends its time, operator by
 operator (``torch.profiler``, self CPU time), float32 and bfloat16, before and after the bundle's single-section
 path (``scripts.layers.SectionConv3d``: "before" runs every convolution as the 3D call ``nn.Conv3d`` makes).
@@ -55,6 +59,7 @@ them as JSON. Usage (from the repository root)::
     python benchmarks/inference_speed.py --part speed [--depth 24] [--window "[800, 448, 24]"] [--overlap 0.15]
     python benchmarks/inference_speed.py --part bf16
     python benchmarks/inference_speed.py --part volume [--tiles 5] [--depth 2]
+    python benchmarks/inference_speed.py --part allocator [--rounds 3] [--passes 6]
     python benchmarks/inference_speed.py --part profile [--top 8]
     python benchmarks/inference_speed.py --part compile [--repeats 10]
     python benchmarks/inference_speed.py --part operators [--repeats 30]
@@ -63,9 +68,11 @@ them as JSON. Usage (from the repository root)::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -300,28 +307,38 @@ def bf16(repeats: int = 5, paper_window: tuple = (296, 296, 24)) -> dict:
     window, train_window = parser["infer_window"], parser["train_window"]
     image, labels = _platelet_stack(1)
     volume = ArrayVolume(image, "platelet slice", (10.0, 10.0, 50.0))
+    # the last layout is the one inference.json had before its window was fitted to the volume in x and y (16
+    # overlapping training windows); channels_last=True converts a network's weights in place, so the contiguous
+    # runs get their own copy
+    contiguous = copy.deepcopy(network)
+    inferences = {
+        (layout, name): _slice_inference(
+            contiguous if layout == "contiguous" else network, parser, roi, bf16=use_bf16, channels_last=channels_last
+        )
+        for layout, channels_last, roi in (
+            ("contiguous", False, window),
+            ("channels_last", True, window),
+            ("channels_last, training windows", True, train_window),
+        )
+        for name, use_bf16 in (("float32", False), ("bfloat16", True))
+    }
+    outputs = {
+        key: REPO / "runs" / "inference_speed" / f"bf16_{key[0].replace(', ', '_')}_{key[1]}.zarr" for key in inferences
+    }
+    seconds = {key: [] for key in inferences}
+    for _ in range(repeats + 1):  # the first round warms up; round-robin, so that the machine's drift hits all alike
+        for key, inference in inferences.items():
+            _remove(outputs[key])
+            seconds[key].append(_timed(lambda: inference(volume, outputs[key]))[1])
     results = {}
-    # contiguous first: channels_last=True converts the network's weights in place; the last layout is the one
-    # inference.json had before its window was fitted to the volume in x and y (16 overlapping training windows)
-    for layout, channels_last, roi in (
-        ("contiguous", False, window),
-        ("channels_last", True, window),
-        ("channels_last, training windows", True, train_window),
-    ):
-        for name, use_bf16 in (("float32", False), ("bfloat16", True)):
-            inference = _slice_inference(network, parser, roi, bf16=use_bf16, channels_last=channels_last)
-            seconds = []
-            for _ in range(repeats + 1):  # the first run warms up
-                out = REPO / "runs" / "inference_speed" / f"bf16_{layout.replace(', ', '_')}_{name}.zarr"
-                _remove(out)
-                seconds.append(_timed(lambda: inference(volume, out))[1])
-            pred = zarr.open_array(out / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
-            results.setdefault(layout, {})[name] = {
-                "window": list(inference.grid(volume).roi_size),
-                "seconds": round(min(seconds[1:]), 3),
-                **_validation_miou(pred, labels, parser),
-            }
-        result = results[layout]
+    for (layout, name), inference in inferences.items():
+        pred = zarr.open_array(outputs[layout, name] / "labels", mode="r")[...].transpose(2, 1, 0)[..., 0]
+        results.setdefault(layout, {})[name] = {
+            "window": list(inference.grid(volume).roi_size),
+            "seconds": round(min(seconds[layout, name][1:]), 3),
+            **_validation_miou(pred, labels, parser),
+        }
+    for result in results.values():
         result["speed_up"] = round(result["float32"]["seconds"] / result["bfloat16"]["seconds"], 2)
         result["miou_all_change"] = round(result["bfloat16"]["miou_all"] - result["float32"]["miou_all"], 4)
     paper = _paper_size_bf16(paper_window)
@@ -449,6 +466,61 @@ def large_volume(tiles: int = 5, depth: int = 2) -> dict:
         "fp32_peak_gflops": peak,
         "throughput": rows,
     }
+
+
+ALLOCATOR_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import inference_speed as bench
+if sys.argv[2] == "reuse":
+    bench.reuse_freed_memory()
+network = bench.to_channels_last_3d(bench._shipped_model()[0])
+image, _ = bench._platelet_stack(1)
+section = torch.from_numpy(image.astype("float32"))[None, None]
+section = ((section - section.mean()) / section.std()).contiguous(memory_format=torch.channels_last_3d)
+report = {}
+with torch.inference_mode():
+    for name, use_bf16 in (("float32", False), ("bfloat16", True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            seconds, faults = [], []
+            for _ in range(2 + int(sys.argv[3])):  # two passes grow the heap
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                seconds.append(bench._timed(lambda: network(section))[1])
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        report[name] = {"seconds": min(seconds[2:]), "page_faults": sorted(faults[2:])[len(faults[2:]) // 2]}
+print(json.dumps(report))
+"""
+
+
+def allocator(rounds: int = 3, passes: int = 6) -> dict:
+    """The shipped model's forward on the platelet slice (channels-last) in fresh processes, with glibc's default
+    allocator and after ``scripts.allocator.reuse_freed_memory``, alternating ``rounds`` times: seconds (best of
+    ``passes``, median over rounds) and page faults per forward."""
+    runs = {"default": [], "reuse": []}
+    for _ in range(rounds):
+        for mode in runs:
+            command = [sys.executable, "-c", ALLOCATOR_CHILD, str(Path(__file__).parent), mode, str(passes)]
+            child = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    rows = []
+    for name in ("float32", "bfloat16"):
+        median = {
+            mode: {k: float(np.median([r[name][k] for r in runs[mode]])) for k in ("seconds", "page_faults")}
+            for mode in runs
+        }
+        rows.append(
+            {
+                "precision": name,
+                "default s": round(median["default"]["seconds"], 4),
+                "reuse s": round(median["reuse"]["seconds"], 4),
+                "speed-up": round(median["default"]["seconds"] / median["reuse"]["seconds"], 2),
+                "page faults, default": int(median["default"]["page_faults"]),
+                "page faults, reuse": int(median["reuse"]["page_faults"]),
+            }
+        )
+    print("\n" + markdown_table(rows) + "\n")
+    return {"model": "models/model.pt, forward of the 800 x 800 slice", "rounds": runs, "rows": rows}
 
 
 def _fresh(name: str) -> Path:
@@ -641,6 +713,7 @@ def main(part: str = "speed", output: str | None = None, **kwargs) -> None:
         "bf16": bf16,
         "profile": profile,
         "volume": large_volume,
+        "allocator": allocator,
         "compile": compile_trial,
         "operators": operators,
         "windows": windows,
