@@ -23,11 +23,11 @@ network = to_channels_last_3d(network.eval())  # as inference runs it
 section = torch.randn(1, 1, 800, 800, 1).contiguous(memory_format=torch.channels_last_3d)
 faults = []
 with torch.inference_mode():
-    for _ in range(8):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         network(section)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"done": done, "faults": faults[5:]}))  # after the passes that grow the heap
+print(json.dumps({"done": done, "faults": faults[4:]}))  # after the passes that grow the heap
 """
 
 
@@ -40,6 +40,6 @@ def _page_faults(mode: str) -> dict:
 def test_repeated_forward_passes_reuse_freed_memory():
     default, reused = _page_faults("default"), _page_faults("reuse")
     assert reused["done"] is True
-    # without it every pass maps many of its activations afresh (about 10 MB each for this network and section)
-    assert sum(default["faults"]) > 10000
+    # without it glibc maps many activations (about 10 MB each here) afresh, in most passes but not all of them
+    assert sum(default["faults"]) > 2000
     assert sum(reused["faults"]) < sum(default["faults"]) / 10

@@ -18,11 +18,12 @@ def reuse_freed_memory() -> bool:
     """Has glibc's ``malloc`` serve blocks of up to 32 MiB from its heap and keep freed heap memory (``mallopt``).
 
     By default glibc maps large blocks afresh and returns freed memory to the system, so a forward pass faults
-    every activation's pages in again: 21,800-34,900 page faults (85-136 MiB) per float32 forward of the shipped
-    model on the 800 x 800 platelet slice, and the forward 1.15x slower than without them (2-core Intel Xeon). The
-    same as the environment variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``; allocators such as
-    jemalloc or tcmalloc (``LD_PRELOAD``) do the same in their own way. Freed memory then stays with the process for
-    its next blocks. Prints what it did; does nothing (and returns False) with other C libraries.
+    many activations' pages in again: about 15,600 page faults per float32 forward of the shipped model on the
+    800 x 800 platelet slice, which then took 1.08x the time (2-core Intel Xeon, ``python
+    benchmarks/inference_speed.py --part allocator``). The same as the environment variables
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``; allocators such as jemalloc or tcmalloc
+    (``LD_PRELOAD``) do the same in their own way. Freed memory then stays with the process for its next blocks.
+    Prints what it did; does nothing (and returns False) with other C libraries.
     """
     libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
     if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):

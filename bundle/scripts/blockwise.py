@@ -108,7 +108,7 @@ class WindowGrid:
 
 def _zeros_in_layout_of(logits: torch.Tensor, core_shape: Sequence[int]) -> torch.Tensor:
     """A float32 zero map ``(C, *core_shape)`` laid out in memory like ``logits`` ``(B, C, X, Y, Z)``: channels-last
-    logits added into a channel-first map were transposed voxel by voxel (3x slower for 1024 x 1024 windows)."""
+    logits added into a channel-first map are transposed voxel by voxel, several times slower."""
     channels = logits.shape[1]
     if logits.is_contiguous() or not logits.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.zeros((channels, *core_shape), device=logits.device)
@@ -125,7 +125,7 @@ def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bo
     """Mean and (population) standard deviation of every voxel, streamed block by block in float64.
 
     8- and 16-bit integer volumes (most EM) are counted into a histogram of their values, from which the
-    statistics follow exactly (8x faster than float64 sums on a 16-megavoxel uint16 block). Other types merge
+    statistics follow exactly, several times faster than float64 sums of the voxels. Other types merge
     blocks with Chan et al.'s pairwise update, which keeps its precision where the mean is large against the
     spread. A volume with NaN, infinite or constant intensities is refused, as ``scripts.transforms.ValidateVolumed``
     refuses it.

@@ -129,10 +129,10 @@ class InplaceReLU(nn.ReLU):
 
     A bfloat16 value is negative exactly when its sign bit, the int16 view's, is set, so clamping that view at 0
     maps every negative value (and -0) to +0 and keeps the rest: the ReLU, bit for bit, except that a NaN with the
-    sign bit set becomes 0. PyTorch's CPU bf16 ReLU took twice float32's time per value (half the bytes); the
-    integer clamp ran 3.5x faster than it on a (1, 16, 512, 512, 1) channels-last activation (2 threads), where the
-    ReLU had been a tenth of the shipped model's bf16 inference. With gradients (training) and in TorchScript the
-    library ReLU runs.
+    sign bit set becomes 0. PyTorch's CPU bf16 ReLU runs no faster than float32's on twice the bytes; with the
+    integer clamp the ReLU of the shipped model's bf16 inference of the platelet slice takes 2.8 ms where it took
+    8.7 ms (2-core Intel Xeon, ``python benchmarks/inference_speed.py --part profile``, against the JSON of commit
+    55242b2). With gradients (training) and in TorchScript the library ReLU runs.
     """
 
     def __init__(self) -> None:
