@@ -1,5 +1,5 @@
 """Building blocks of the hybrid network: a 3D convolution that runs as 2D where that gives the same result, an
-instance norm on group-norm kernels, max-pooling and nearest up-sampling with faster eval-mode paths, the
+instance norm on group-norm kernels, max-pooling, nearest up-sampling and ReLU with faster inference paths, the
 convolution, normalisation and up-sampling choices of ``scripts.networks.HybridUNet2D3D``, and its 3D spatial
 pyramid."""
 
