@@ -142,8 +142,8 @@ def intensity_statistics(volume: Volume, block_size: Sequence[int], progress: bo
         counts = np.zeros(2 ** (8 * dtype.itemsize), np.int64)
         for box in boxes:
             counts += np.bincount(volume.read(box).view(as_unsigned).ravel(), minlength=counts.size)
-        native = np.dtype(f"u{dtype.itemsize}")
-        values = np.arange(counts.size).astype(native).view(native.str.replace("u", dtype.kind)).astype(np.float64)
+        bins = np.arange(counts.size, dtype=f"u{dtype.itemsize}")
+        values = bins.view(f"{dtype.kind}{dtype.itemsize}").astype(np.float64)  # the value each bin counts
         # element-wise sums, not `@`: numpy's matrix product wakes BLAS threads that then spin beside torch's
         count = int(counts.sum())
         mean = float((counts * values).sum()) / count
